@@ -5,16 +5,36 @@
 //! up logging and hands over to the library crates.
 
 mod logging;
+mod osd;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Basalt: distributed block storage.
 #[derive(Parser, Debug)]
 #[command(name = "basalt", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// OSD (storage daemon) tools.
+    #[command(subcommand)]
+    Osd(osd::OsdCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
     logging::init();
-    Ok(())
+    let result = match cli.command {
+        Command::Osd(command) => osd::run(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("basalt: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -88,6 +88,20 @@ impl fmt::Display for PgId {
     }
 }
 
+/// One object of a volume: `index` covers bytes
+/// `[index * object_size, (index + 1) * object_size)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectId {
+    pub volume: VolumeId,
+    pub index: u64,
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.obj{}", self.volume, self.index)
+    }
+}
+
 /// A placement weight in 1/65536 units (`Weight::ONE` is 1.0). Fixed point so
 /// that every node computes bit-identical placements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -1,0 +1,242 @@
+//! `BlockDevice`: the store's only path to its disk.
+//!
+//! Production uses [`UringDevice`](super::uring::UringDevice) (io_uring,
+//! O_DIRECT); tests use [`MemDevice`], which keeps what was flushed apart from
+//! what was only written, so a simulated power loss drops exactly the writes a
+//! volatile disk cache would, and which can fail I/O or flip bits on demand.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::sync::Mutex;
+
+use super::buffer::{BLOCK_BYTES, BufferPool, IoBuf};
+
+/// A disk of 4 KiB blocks with asynchronous, positional I/O.
+///
+/// Writes may sit in a volatile cache until `flush` returns; completed
+/// writes and reads are not ordered with respect to I/O still in flight.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Number of 4 KiB blocks.
+    fn block_count(&self) -> u64;
+
+    /// Returns an aligned buffer of `len` bytes suited to this device.
+    fn buffer(&self, len: usize) -> IoBuf;
+
+    /// Writes `buf` (a whole number of blocks) at `block`. The buffer comes
+    /// back whatever the outcome.
+    fn write(&self, block: u64, buf: IoBuf)
+    -> impl Future<Output = (IoBuf, io::Result<()>)> + Send;
+
+    /// Reads `buf.len()` bytes (a whole number of blocks) from `block`.
+    fn read(&self, block: u64, buf: IoBuf) -> impl Future<Output = (IoBuf, io::Result<()>)> + Send;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Checks that an I/O of `len` bytes at `block` fits a device of
+/// `block_count` blocks.
+pub(crate) fn check_range(block: u64, len: usize, block_count: u64) -> io::Result<()> {
+    if len == 0 || !len.is_multiple_of(BLOCK_BYTES) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let blocks = (len / BLOCK_BYTES) as u64;
+    if block
+        .checked_add(blocks)
+        .is_none_or(|end| end > block_count)
+    {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
+}
+
+/// An in-memory disk with a volatile write cache and fault injection.
+pub struct MemDevice {
+    block_count: u64,
+    pool: BufferPool,
+    state: Mutex<MemState>,
+}
+
+#[derive(Default)]
+struct MemState {
+    /// Blocks that survive a power loss.
+    durable: HashMap<u64, Box<[u8]>>,
+    /// Blocks written since the last flush, newest content.
+    volatile: HashMap<u64, Box<[u8]>>,
+    /// After a power loss every I/O fails, as on a dead disk.
+    powered_off: bool,
+    /// Fail every write with EIO while set.
+    fail_writes: bool,
+    /// Fail every read with EIO while set.
+    fail_reads: bool,
+    /// Fail every flush with EIO while set.
+    fail_flushes: bool,
+    writes: u64,
+    flushes: u64,
+}
+
+impl MemDevice {
+    /// Creates a zero-filled device of `block_count` blocks.
+    pub fn new(block_count: u64) -> MemDevice {
+        MemDevice {
+            block_count,
+            pool: BufferPool::new(64, 8),
+            state: Mutex::new(MemState::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, MemState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Simulates a power loss: each unflushed block write is dropped, except
+    /// that `keep(block)` may keep some (a cache that flushed part of itself;
+    /// always whole blocks, as disks with 4 KiB atomic writes do). Every later
+    /// I/O fails until `power_on`.
+    pub fn power_loss(&self, mut keep: impl FnMut(u64) -> bool) {
+        let mut state = self.state();
+        let volatile = std::mem::take(&mut state.volatile);
+        for (block, data) in volatile {
+            if keep(block) {
+                state.durable.insert(block, data);
+            }
+        }
+        state.powered_off = true;
+    }
+
+    /// Brings the device back after `power_loss`, with its durable content.
+    pub fn power_on(&self) {
+        self.state().powered_off = false;
+    }
+
+    /// Makes writes fail with EIO (`true`) or succeed again.
+    pub fn fail_writes(&self, fail: bool) {
+        self.state().fail_writes = fail;
+    }
+
+    /// Makes reads fail with EIO (`true`) or succeed again.
+    pub fn fail_reads(&self, fail: bool) {
+        self.state().fail_reads = fail;
+    }
+
+    /// Makes flushes fail with EIO (`true`) or succeed again.
+    pub fn fail_flushes(&self, fail: bool) {
+        self.state().fail_flushes = fail;
+    }
+
+    /// Flips one bit of `block` at `byte`, in whatever copy is current.
+    pub fn flip_bit(&self, block: u64, byte: usize) {
+        let mut state = self.state();
+        let current = match state.volatile.get(&block) {
+            Some(data) => data.clone(),
+            None => state
+                .durable
+                .get(&block)
+                .cloned()
+                .unwrap_or_else(|| vec![0; BLOCK_BYTES].into_boxed_slice()),
+        };
+        let mut corrupted = current;
+        corrupted[byte % BLOCK_BYTES] ^= 0x01;
+        match state.volatile.get_mut(&block) {
+            Some(slot) => *slot = corrupted,
+            None => {
+                state.durable.insert(block, corrupted);
+            }
+        }
+    }
+
+    /// Returns (writes, flushes) served so far.
+    pub fn counters(&self) -> (u64, u64) {
+        let state = self.state();
+        (state.writes, state.flushes)
+    }
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+impl BlockDevice for MemDevice {
+    fn block_count(&self) -> u64 {
+        self.block_count
+    }
+
+    fn buffer(&self, len: usize) -> IoBuf {
+        self.pool.get(len)
+    }
+
+    async fn write(&self, block: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
+        if let Err(e) = check_range(block, buf.len(), self.block_count) {
+            return (buf, Err(e));
+        }
+        let mut state = self.state();
+        if state.powered_off || state.fail_writes {
+            return (buf, Err(eio()));
+        }
+        for (i, chunk) in buf.chunks(BLOCK_BYTES).enumerate() {
+            state
+                .volatile
+                .insert(block + i as u64, chunk.to_vec().into_boxed_slice());
+        }
+        state.writes += 1;
+        drop(state);
+        (buf, Ok(()))
+    }
+
+    async fn read(&self, block: u64, mut buf: IoBuf) -> (IoBuf, io::Result<()>) {
+        if let Err(e) = check_range(block, buf.len(), self.block_count) {
+            return (buf, Err(e));
+        }
+        let state = self.state();
+        if state.powered_off || state.fail_reads {
+            return (buf, Err(eio()));
+        }
+        for (i, chunk) in buf.chunks_mut(BLOCK_BYTES).enumerate() {
+            let b = block + i as u64;
+            match state.volatile.get(&b).or_else(|| state.durable.get(&b)) {
+                Some(data) => chunk.copy_from_slice(data),
+                None => chunk.fill(0),
+            }
+        }
+        drop(state);
+        (buf, Ok(()))
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        let mut state = self.state();
+        if state.powered_off || state.fail_flushes {
+            return Err(eio());
+        }
+        let volatile = std::mem::take(&mut state.volatile);
+        state.durable.extend(volatile);
+        state.flushes += 1;
+        Ok(())
+    }
+}
+
+impl<T: BlockDevice> BlockDevice for std::sync::Arc<T> {
+    fn block_count(&self) -> u64 {
+        (**self).block_count()
+    }
+
+    fn buffer(&self, len: usize) -> IoBuf {
+        (**self).buffer(len)
+    }
+
+    fn write(
+        &self,
+        block: u64,
+        buf: IoBuf,
+    ) -> impl Future<Output = (IoBuf, io::Result<()>)> + Send {
+        (**self).write(block, buf)
+    }
+
+    fn read(&self, block: u64, buf: IoBuf) -> impl Future<Output = (IoBuf, io::Result<()>)> + Send {
+        (**self).read(block, buf)
+    }
+
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send {
+        (**self).flush()
+    }
+}

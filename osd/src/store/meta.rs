@@ -1,0 +1,246 @@
+//! `MetaStore`: the store's metadata in RocksDB.
+//!
+//! Column families:
+//! - `objects`: object key -> `ObjectInfo` (exists iff the object exists);
+//! - `blocks`: block key -> `BlockEntry` (disk block and crc32c); a hole has
+//!   no entry;
+//! - `pg_log`, `pg_info`: for replication and peering (written by later
+//!   layers, in the same atomic batches as the data they describe);
+//! - `snap_refs`: reference counts of disk blocks shared with snapshots;
+//! - `default`: the superblock.
+//!
+//! One key per block (not per extent) keeps a 4 KiB overwrite to one small
+//! put and makes copy-on-write a pure metadata switch.
+
+use std::path::Path;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options};
+use serde::{Deserialize, Serialize};
+
+use super::error::StoreError;
+use super::keys::{
+    BLOCK_KEY_BYTES, BlockEntry, OBJECT_KEY_BYTES, ObjectInfo, ObjectKey, block_key,
+    decode_block_key, decode_object_key, object_key, pg_prefix,
+};
+use basalt_placement::PgId;
+
+pub const CF_OBJECTS: &str = "objects";
+pub const CF_BLOCKS: &str = "blocks";
+pub const CF_PG_LOG: &str = "pg_log";
+pub const CF_PG_INFO: &str = "pg_info";
+pub const CF_SNAP_REFS: &str = "snap_refs";
+const COLUMN_FAMILIES: [&str; 5] = [CF_OBJECTS, CF_BLOCKS, CF_PG_LOG, CF_PG_INFO, CF_SNAP_REFS];
+const SUPERBLOCK_KEY: &[u8] = b"superblock";
+
+/// The store layout version this code reads and writes.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+
+/// What a store is: written once at format time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Superblock {
+    pub format_version: u32,
+    pub block_bytes: u32,
+    pub block_count: u64,
+}
+
+/// One change inside an atomic metadata batch.
+#[derive(Clone, Debug)]
+pub enum MetaOp {
+    PutBlock {
+        key: [u8; BLOCK_KEY_BYTES],
+        entry: BlockEntry,
+    },
+    DeleteBlock {
+        key: [u8; BLOCK_KEY_BYTES],
+    },
+    PutObject {
+        key: [u8; OBJECT_KEY_BYTES],
+        info: ObjectInfo,
+    },
+    DeleteObject {
+        key: [u8; OBJECT_KEY_BYTES],
+    },
+}
+
+/// The RocksDB database of one store.
+pub struct MetaStore {
+    db: DB,
+}
+
+impl MetaStore {
+    /// Opens (creating if missing) the metadata database at `path`.
+    pub fn open(path: &Path) -> Result<MetaStore, StoreError> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.increase_parallelism(2);
+        options.set_max_background_jobs(2);
+        let descriptors = COLUMN_FAMILIES
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&options, path, descriptors)?;
+        Ok(MetaStore { db })
+    }
+
+    fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| StoreError::Corrupt(format!("column family {name} missing")))
+    }
+
+    /// Returns the superblock, if the store was formatted.
+    pub fn superblock(&self) -> Result<Option<Superblock>, StoreError> {
+        match self.db.get(SUPERBLOCK_KEY)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("superblock: {e}"))),
+        }
+    }
+
+    /// Writes the superblock durably.
+    pub fn put_superblock(&self, superblock: &Superblock) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(superblock)
+            .map_err(|e| StoreError::Corrupt(format!("superblock: {e}")))?;
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db.put_opt(SUPERBLOCK_KEY, bytes, &options)?;
+        Ok(())
+    }
+
+    /// Returns the entries of blocks `first .. first + count` of an object,
+    /// `None` for holes. One seek and a short scan.
+    pub fn blocks(
+        &self,
+        key: &ObjectKey,
+        first: u32,
+        count: u32,
+    ) -> Result<Vec<Option<BlockEntry>>, StoreError> {
+        let mut out = vec![None; count as usize];
+        let start = block_key(key, first);
+        let end = block_key(key, first + count);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(end.to_vec());
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_BLOCKS)?,
+            options,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            let (_, index) = decode_block_key(&k)?;
+            let slot = index
+                .checked_sub(first)
+                .filter(|s| *s < count)
+                .ok_or_else(|| StoreError::Corrupt(format!("block index {index} out of scan")))?;
+            out[slot as usize] = Some(BlockEntry::decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Returns every block entry of an object, in block order.
+    pub fn object_blocks(&self, key: &ObjectKey) -> Result<Vec<(u32, BlockEntry)>, StoreError> {
+        let prefix = object_key(key);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(prefix_end(&prefix));
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_BLOCKS)?,
+            options,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item?;
+            let (_, index) = decode_block_key(&k)?;
+            out.push((index, BlockEntry::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Returns an object's info, if it exists.
+    pub fn object_info(&self, key: &ObjectKey) -> Result<Option<ObjectInfo>, StoreError> {
+        match self.db.get_cf(self.cf(CF_OBJECTS)?, object_key(key))? {
+            None => Ok(None),
+            Some(bytes) => ObjectInfo::decode(&bytes).map(Some),
+        }
+    }
+
+    /// Returns every object of `pg` with its info, in key order.
+    pub fn list_pg(&self, pg: PgId) -> Result<Vec<(ObjectKey, ObjectInfo)>, StoreError> {
+        let prefix = pg_prefix(pg);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(prefix_end(&prefix));
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_OBJECTS)?,
+            options,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item?;
+            out.push((decode_object_key(&k)?, ObjectInfo::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Calls `visit` for every block entry of the store.
+    pub fn for_each_block(
+        &self,
+        mut visit: impl FnMut(ObjectKey, u32, BlockEntry) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_BLOCKS)?, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let (object, index) = decode_block_key(&k)?;
+            visit(object, index, BlockEntry::decode(&v)?)?;
+        }
+        Ok(())
+    }
+
+    /// Returns every object of the store.
+    pub fn all_objects(&self) -> Result<Vec<(ObjectKey, ObjectInfo)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_OBJECTS)?, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            out.push((decode_object_key(&k)?, ObjectInfo::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Applies `ops` atomically; with `sync`, durably before returning.
+    pub fn write(&self, ops: &[MetaOp], sync: bool) -> Result<(), StoreError> {
+        let objects = self.cf(CF_OBJECTS)?;
+        let blocks = self.cf(CF_BLOCKS)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        for op in ops {
+            match op {
+                MetaOp::PutBlock { key, entry } => batch.put_cf(blocks, key, entry.encode()),
+                MetaOp::DeleteBlock { key } => batch.delete_cf(blocks, key),
+                MetaOp::PutObject { key, info } => batch.put_cf(objects, key, info.encode()),
+                MetaOp::DeleteObject { key } => batch.delete_cf(objects, key),
+            }
+        }
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(sync);
+        self.db.write_opt(batch, &options)?;
+        Ok(())
+    }
+}
+
+/// Returns the smallest key greater than every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last != 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: no upper bound exists; use a key past any real one.
+    vec![0xff; prefix.len() + 1]
+}

@@ -1,0 +1,745 @@
+//! `ObjectStore`: objects of up to `max_object_bytes` on one disk.
+//!
+//! # Write path (copy-on-write)
+//! 1. Take the object's lock (striped) for writing.
+//! 2. Allocate fresh blocks, compute each block's crc32c, write the data
+//!    with O_DIRECT (several runs in parallel).
+//! 3. Hand the metadata change (new block entries, object version) to the
+//!    committer, which groups concurrent changes: one device flush for all
+//!    their data, then one synced RocksDB batch.
+//! 4. Free the blocks the object used before, only now that the switch is
+//!    durable.
+//!
+//! The only live copy of a block is never overwritten, so a crash at any
+//! instant leaves every block wholly old or wholly new; metadata never
+//! points at data that was not flushed first, so an acknowledged write is
+//! never lost. The allocator is rebuilt from metadata at every open.
+//!
+//! # Read path
+//! Block entries come from one RocksDB range scan, contiguous disk runs are
+//! read with one I/O each, and every block is checked against its crc32c
+//! before a byte is returned. Holes read as zeros.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use basalt_placement::PgId;
+use bytes::{Bytes, BytesMut};
+use futures::future::join_all;
+use tokio::sync::{RwLock, mpsc, oneshot};
+
+use super::allocator::{Allocator, Run};
+use super::buffer::{BLOCK_BYTES, LARGE_BUFFER_BYTES};
+use super::device::BlockDevice;
+use super::error::StoreError;
+use super::keys::{BlockEntry, ObjectInfo, ObjectKey, block_key, object_key};
+use super::meta::{MetaOp, MetaStore, STORE_FORMAT_VERSION, Superblock};
+use super::uring::{UringConfig, UringDevice};
+
+/// Longest run of disk blocks one I/O covers (one large buffer).
+const MAX_RUN_BLOCKS: u32 = (LARGE_BUFFER_BYTES / BLOCK_BYTES) as u32;
+/// Object lock stripes: unrelated objects rarely share one.
+const LOCK_STRIPES: usize = 4096;
+/// Most metadata changes folded into one group commit.
+const GROUP_COMMIT_MAX: usize = 512;
+
+/// Settings of a store.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Largest object, in bytes (a multiple of 4 KiB). Default 4 MiB.
+    pub max_object_bytes: u64,
+    /// io_uring settings of the data device.
+    pub uring: UringConfig,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_object_bytes: 4 << 20,
+            uring: UringConfig::default(),
+        }
+    }
+}
+
+/// What `stat` reports about an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectStat {
+    pub version: u64,
+    pub allocated_blocks: u64,
+}
+
+/// What `fsck` found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FsckReport {
+    pub objects: u64,
+    pub blocks: u64,
+    pub free_blocks: u64,
+    pub block_count: u64,
+    pub errors: Vec<String>,
+}
+
+impl FsckReport {
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+struct Commit {
+    ops: Vec<MetaOp>,
+    needs_flush: bool,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+struct Inner<D> {
+    device: Arc<D>,
+    meta: Arc<MetaStore>,
+    allocator: Mutex<Allocator>,
+    locks: Vec<RwLock<()>>,
+    commits: mpsc::UnboundedSender<Commit>,
+    failed: Arc<AtomicBool>,
+    config: StoreConfig,
+}
+
+/// The object store of one OSD.
+pub struct ObjectStore<D: BlockDevice> {
+    inner: Arc<Inner<D>>,
+    committer: tokio::task::JoinHandle<()>,
+}
+
+/// Paths of a store directory: the data file and the metadata database.
+pub fn store_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("block"), dir.join("meta"))
+}
+
+impl ObjectStore<UringDevice> {
+    /// Creates `dir` with a data file of `size_bytes` (rounded down to whole
+    /// blocks) and formats it. With `prezero`, the file is written with zeros
+    /// so later writes are pure overwrites (no extent conversion on flush).
+    pub fn format_dir(dir: &Path, size_bytes: u64, prezero: bool) -> Result<(), StoreError> {
+        let io = |op| move |source| StoreError::Io { op, source };
+        std::fs::create_dir_all(dir).map_err(io("create store directory"))?;
+        let (data_path, meta_path) = store_paths(dir);
+        if data_path.exists() {
+            return Err(StoreError::Corrupt(format!(
+                "{} already exists; refusing to format over it",
+                data_path.display()
+            )));
+        }
+        let size = size_bytes - size_bytes % BLOCK_BYTES as u64;
+        if size < 64 * BLOCK_BYTES as u64 {
+            return Err(StoreError::NoSpace {
+                needed: 64,
+                free: size / BLOCK_BYTES as u64,
+            });
+        }
+        let file = std::fs::File::create(&data_path).map_err(io("create data file"))?;
+        if prezero {
+            use std::io::Write;
+            let chunk = vec![0u8; 4 << 20];
+            let mut writer = std::io::BufWriter::new(&file);
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                writer
+                    .write_all(&chunk[..n])
+                    .map_err(io("zero data file"))?;
+                left -= n as u64;
+            }
+            writer.flush().map_err(io("zero data file"))?;
+        } else {
+            file.set_len(size).map_err(io("size data file"))?;
+        }
+        file.sync_all().map_err(io("sync data file"))?;
+        let meta = MetaStore::open(&meta_path)?;
+        meta.put_superblock(&Superblock {
+            format_version: STORE_FORMAT_VERSION,
+            block_bytes: BLOCK_BYTES as u32,
+            block_count: size / BLOCK_BYTES as u64,
+        })?;
+        Ok(())
+    }
+
+    /// Opens the formatted store in `dir` on io_uring.
+    pub async fn open_dir(dir: &Path, config: StoreConfig) -> Result<Self, StoreError> {
+        let (data_path, meta_path) = store_paths(dir);
+        if !meta_path.exists() {
+            return Err(StoreError::NotFormatted(dir.to_path_buf()));
+        }
+        let device =
+            UringDevice::open(&data_path, &config.uring).map_err(|source| StoreError::Io {
+                op: "open data device",
+                source,
+            })?;
+        Self::open(device, &meta_path, config).await
+    }
+}
+
+impl<D: BlockDevice> ObjectStore<D> {
+    /// Opens a store on `device` with metadata at `meta_path`, formatting it
+    /// if the metadata has no superblock yet. Rebuilds the allocator.
+    pub async fn open(
+        device: D,
+        meta_path: &Path,
+        config: StoreConfig,
+    ) -> Result<Self, StoreError> {
+        if config.max_object_bytes == 0
+            || !config.max_object_bytes.is_multiple_of(BLOCK_BYTES as u64)
+        {
+            return Err(StoreError::Corrupt(format!(
+                "max_object_bytes {} is not a positive multiple of 4096",
+                config.max_object_bytes
+            )));
+        }
+        let meta = MetaStore::open(meta_path)?;
+        let superblock = match meta.superblock()? {
+            Some(superblock) => superblock,
+            None => {
+                let superblock = Superblock {
+                    format_version: STORE_FORMAT_VERSION,
+                    block_bytes: BLOCK_BYTES as u32,
+                    block_count: device.block_count(),
+                };
+                meta.put_superblock(&superblock)?;
+                superblock
+            }
+        };
+        if superblock.format_version != STORE_FORMAT_VERSION
+            || superblock.block_bytes != BLOCK_BYTES as u32
+        {
+            return Err(StoreError::Corrupt(format!(
+                "unsupported store format {superblock:?}"
+            )));
+        }
+        if superblock.block_count > device.block_count() {
+            return Err(StoreError::Corrupt(format!(
+                "store has {} blocks but the device only {}",
+                superblock.block_count,
+                device.block_count()
+            )));
+        }
+        let mut allocator = Allocator::new(superblock.block_count);
+        meta.for_each_block(|object, index, entry| {
+            if allocator.mark_used(entry.disk_block) {
+                Ok(())
+            } else {
+                Err(StoreError::Corrupt(format!(
+                    "disk block {} of {object} block {index} is referenced twice or out of range",
+                    entry.disk_block
+                )))
+            }
+        })?;
+        tracing::debug!(
+            used = superblock.block_count - allocator.free_count(),
+            free = allocator.free_count(),
+            "store allocator rebuilt"
+        );
+        let device = Arc::new(device);
+        let meta = Arc::new(meta);
+        let failed = Arc::new(AtomicBool::new(false));
+        let (commits, rx) = mpsc::unbounded_channel();
+        let committer = tokio::spawn(run_committer(
+            device.clone(),
+            meta.clone(),
+            failed.clone(),
+            rx,
+        ));
+        Ok(ObjectStore {
+            inner: Arc::new(Inner {
+                device,
+                meta,
+                allocator: Mutex::new(allocator),
+                locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+                commits,
+                failed,
+                config,
+            }),
+            committer,
+        })
+    }
+
+    /// Stops the committer and releases the device and metadata, so the
+    /// store can be opened again at once.
+    pub async fn close(self) {
+        let ObjectStore { inner, committer } = self;
+        drop(inner);
+        let _ = committer.await;
+    }
+
+    /// Returns the device.
+    pub fn device(&self) -> &D {
+        &self.inner.device
+    }
+
+    /// Returns (free, total) blocks.
+    pub fn space(&self) -> (u64, u64) {
+        let allocator = self.allocator();
+        (allocator.free_count(), allocator.block_count())
+    }
+
+    fn allocator(&self) -> std::sync::MutexGuard<'_, Allocator> {
+        self.inner
+            .allocator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock(&self, key: &ObjectKey) -> &RwLock<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        &self.inner.locks[hasher.finish() as usize % LOCK_STRIPES]
+    }
+
+    fn check_range(&self, key: &ObjectKey, offset: u64, len: u64) -> Result<(), StoreError> {
+        let block = BLOCK_BYTES as u64;
+        if len == 0 || !offset.is_multiple_of(block) || !len.is_multiple_of(block) {
+            return Err(StoreError::InvalidAlignment {
+                object: *key,
+                offset,
+                len,
+            });
+        }
+        let max = self.inner.config.max_object_bytes;
+        if offset.checked_add(len).is_none_or(|end| end > max) {
+            return Err(StoreError::InvalidRange {
+                object: *key,
+                offset,
+                len,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_failed(&self) -> Result<(), StoreError> {
+        if self.inner.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Failed(
+                "an earlier flush or commit failed".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn commit(&self, ops: Vec<MetaOp>, needs_flush: bool) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.inner
+            .commits
+            .send(Commit {
+                ops,
+                needs_flush,
+                done,
+            })
+            .map_err(|_| StoreError::Failed("committer stopped".into()))?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(StoreError::Failed(message)),
+            Err(_) => Err(StoreError::Failed("committer stopped".into())),
+        }
+    }
+
+    /// Writes `data` at byte `offset` of an object (both 4 KiB-aligned) and
+    /// sets the object's version. Returns once data and metadata are durable.
+    pub async fn write(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        data: &[u8],
+        version: u64,
+    ) -> Result<(), StoreError> {
+        self.check_range(key, offset, data.len() as u64)?;
+        self.check_failed()?;
+        let _guard = self.lock(key).write().await;
+        let first = (offset / BLOCK_BYTES as u64) as u32;
+        let count = (data.len() / BLOCK_BYTES) as u32;
+        let runs = self.allocate(count as u64)?;
+
+        let crcs: Vec<u32> = data.chunks(BLOCK_BYTES).map(crc32c::crc32c).collect();
+        let mut writes = Vec::with_capacity(runs.len());
+        let mut data_offset = 0;
+        for run in &runs {
+            let len = run.len as usize * BLOCK_BYTES;
+            let mut buf = self.inner.device.buffer(len);
+            buf.copy_from_slice(&data[data_offset..data_offset + len]);
+            debug_assert_eq!(
+                crc32c::crc32c(&buf[..BLOCK_BYTES]),
+                crcs[data_offset / BLOCK_BYTES],
+                "buffer copy changed the data"
+            );
+            data_offset += len;
+            writes.push(self.inner.device.write(run.start, buf));
+        }
+        let results = join_all(writes).await;
+        if let Some(source) = results.into_iter().find_map(|(_, r)| r.err()) {
+            self.allocator().free_runs(&runs);
+            return Err(StoreError::Io {
+                op: "write data",
+                source,
+            });
+        }
+
+        let old = match self.inner.meta.blocks(key, first, count) {
+            Ok(old) => old,
+            Err(e) => {
+                self.allocator().free_runs(&runs);
+                return Err(e);
+            }
+        };
+        let mut ops = Vec::with_capacity(count as usize + 1);
+        let mut index = first;
+        let mut crc_iter = crcs.iter();
+        for run in &runs {
+            for disk_block in run.start..run.start + run.len as u64 {
+                let crc = *crc_iter.next().expect("one crc per allocated block");
+                ops.push(MetaOp::PutBlock {
+                    key: block_key(key, index),
+                    entry: BlockEntry { disk_block, crc },
+                });
+                index += 1;
+            }
+        }
+        ops.push(MetaOp::PutObject {
+            key: object_key(key),
+            info: ObjectInfo { version },
+        });
+        // On failure whether the batch reached RocksDB is unknown: keep the
+        // new blocks allocated (the store is failed; a restart rebuilds).
+        self.commit(ops, true).await?;
+        let mut allocator = self.allocator();
+        for entry in old.into_iter().flatten() {
+            allocator.free(entry.disk_block);
+        }
+        Ok(())
+    }
+
+    fn allocate(&self, count: u64) -> Result<Vec<Run>, StoreError> {
+        let mut allocator = self.allocator();
+        allocator
+            .allocate(count, MAX_RUN_BLOCKS)
+            .ok_or(StoreError::NoSpace {
+                needed: count,
+                free: allocator.free_count(),
+            })
+    }
+
+    /// Reads `len` bytes at `offset` of an object (both 4 KiB-aligned).
+    /// Holes and missing objects read as zeros; a block whose checksum does
+    /// not match is an error naming the object and offset, never data.
+    pub async fn read(&self, key: &ObjectKey, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        self.check_range(key, offset, len)?;
+        let _guard = self.lock(key).read().await;
+        let first = (offset / BLOCK_BYTES as u64) as u32;
+        let count = (len / BLOCK_BYTES as u64) as u32;
+        let entries = self.inner.meta.blocks(key, first, count)?;
+        let mut out = BytesMut::zeroed(len as usize);
+
+        // Group consecutive object blocks stored in consecutive disk blocks.
+        let mut runs: Vec<(u32, u64, u32)> = Vec::new(); // (slot, disk, len)
+        for (slot, entry) in entries.iter().enumerate() {
+            let Some(entry) = entry else { continue };
+            match runs.last_mut() {
+                Some((start_slot, disk, run_len))
+                    if *start_slot + *run_len == slot as u32
+                        && *disk + *run_len as u64 == entry.disk_block
+                        && *run_len < MAX_RUN_BLOCKS =>
+                {
+                    *run_len += 1;
+                }
+                _ => runs.push((slot as u32, entry.disk_block, 1)),
+            }
+        }
+        let reads = runs.iter().map(|(_, disk, run_len)| {
+            let buf = self.inner.device.buffer(*run_len as usize * BLOCK_BYTES);
+            self.inner.device.read(*disk, buf)
+        });
+        let results = join_all(reads).await;
+        for ((slot, disk, run_len), (buf, result)) in runs.iter().zip(results) {
+            result.map_err(|source| StoreError::Io {
+                op: "read data",
+                source,
+            })?;
+            for i in 0..*run_len as usize {
+                let block = &buf[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
+                let slot_index = *slot as usize + i;
+                let expected = entries[slot_index].map_or(0, |e| e.crc);
+                let actual = crc32c::crc32c(block);
+                if actual != expected {
+                    return Err(StoreError::Checksum {
+                        object: *key,
+                        offset: offset + (slot_index * BLOCK_BYTES) as u64,
+                        disk_block: disk + i as u64,
+                        expected,
+                        actual,
+                    });
+                }
+                out[slot_index * BLOCK_BYTES..(slot_index + 1) * BLOCK_BYTES]
+                    .copy_from_slice(block);
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// Makes a range read as zeros. With `allocate`, zero blocks are written
+    /// (space stays reserved, as NBD's NO_HOLE asks); otherwise the range is
+    /// discarded.
+    pub async fn write_zeroes(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        if allocate {
+            self.check_range(key, offset, len)?;
+            let zeros = vec![0u8; len as usize];
+            self.write(key, offset, &zeros, version).await
+        } else {
+            self.discard(key, offset, len, version).await
+        }
+    }
+
+    /// Frees a range: it reads as zeros afterwards.
+    pub async fn discard(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        len: u64,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        self.check_range(key, offset, len)?;
+        self.check_failed()?;
+        let _guard = self.lock(key).write().await;
+        let first = (offset / BLOCK_BYTES as u64) as u32;
+        let count = (len / BLOCK_BYTES as u64) as u32;
+        let old = self.inner.meta.blocks(key, first, count)?;
+        let mut ops: Vec<MetaOp> = old
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.is_some())
+            .map(|(i, _)| MetaOp::DeleteBlock {
+                key: block_key(key, first + i as u32),
+            })
+            .collect();
+        ops.push(MetaOp::PutObject {
+            key: object_key(key),
+            info: ObjectInfo { version },
+        });
+        self.commit(ops, false).await?;
+        let mut allocator = self.allocator();
+        for entry in old.into_iter().flatten() {
+            allocator.free(entry.disk_block);
+        }
+        Ok(())
+    }
+
+    /// Removes an object and frees its blocks. Deleting a missing object is
+    /// not an error.
+    pub async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        self.check_failed()?;
+        let _guard = self.lock(key).write().await;
+        let blocks = self.inner.meta.object_blocks(key)?;
+        let mut ops: Vec<MetaOp> = blocks
+            .iter()
+            .map(|(index, _)| MetaOp::DeleteBlock {
+                key: block_key(key, *index),
+            })
+            .collect();
+        ops.push(MetaOp::DeleteObject {
+            key: object_key(key),
+        });
+        self.commit(ops, false).await?;
+        let mut allocator = self.allocator();
+        for (_, entry) in blocks {
+            allocator.free(entry.disk_block);
+        }
+        Ok(())
+    }
+
+    /// Returns an object's version and allocated size, or `None`.
+    pub async fn stat(&self, key: &ObjectKey) -> Result<Option<ObjectStat>, StoreError> {
+        let _guard = self.lock(key).read().await;
+        let Some(info) = self.inner.meta.object_info(key)? else {
+            return Ok(None);
+        };
+        let allocated_blocks = self.inner.meta.object_blocks(key)?.len() as u64;
+        Ok(Some(ObjectStat {
+            version: info.version,
+            allocated_blocks,
+        }))
+    }
+
+    /// Returns the allocated 4 KiB blocks of an object (block indexes), for
+    /// block-status queries.
+    pub async fn allocated_blocks(&self, key: &ObjectKey) -> Result<Vec<u32>, StoreError> {
+        let _guard = self.lock(key).read().await;
+        Ok(self
+            .inner
+            .meta
+            .object_blocks(key)?
+            .into_iter()
+            .map(|(index, _)| index)
+            .collect())
+    }
+
+    /// Returns every object of `pg` with its version.
+    pub fn list_pg(&self, pg: PgId) -> Result<Vec<(ObjectKey, u64)>, StoreError> {
+        Ok(self
+            .inner
+            .meta
+            .list_pg(pg)?
+            .into_iter()
+            .map(|(key, info)| (key, info.version))
+            .collect())
+    }
+
+    /// Returns the disk block holding block `index` of an object (for tests
+    /// and repair tools).
+    pub fn locate(&self, key: &ObjectKey, index: u32) -> Result<Option<u64>, StoreError> {
+        Ok(self.inner.meta.blocks(key, index, 1)?[0].map(|e| e.disk_block))
+    }
+
+    /// Checks the whole store: every block entry in range and referenced
+    /// once, every entry's object present, the allocator equal to the set of
+    /// referenced blocks, and every block's checksum. Run it while no writes
+    /// are in flight (blocks of writes in flight look leaked).
+    pub async fn fsck(&self) -> Result<FsckReport, StoreError> {
+        let block_count = self.allocator().block_count();
+        let mut report = FsckReport {
+            block_count,
+            ..FsckReport::default()
+        };
+        let objects = self.inner.meta.all_objects()?;
+        report.objects = objects.len() as u64;
+        let known: std::collections::HashSet<ObjectKey> =
+            objects.iter().map(|(key, _)| *key).collect();
+        let mut seen = Allocator::new(block_count);
+        let mut to_check: Vec<(ObjectKey, u32, BlockEntry)> = Vec::new();
+        self.inner.meta.for_each_block(|object, index, entry| {
+            report.blocks += 1;
+            if !known.contains(&object) {
+                report
+                    .errors
+                    .push(format!("{object} block {index}: object has no info record"));
+            }
+            if !seen.mark_used(entry.disk_block) {
+                report.errors.push(format!(
+                    "{object} block {index}: disk block {} out of range or referenced twice",
+                    entry.disk_block
+                ));
+            } else {
+                to_check.push((object, index, entry));
+            }
+            Ok(())
+        })?;
+        {
+            let allocator = self.allocator();
+            report.free_blocks = allocator.free_count();
+            let mut mismatches = 0u64;
+            for block in 0..block_count {
+                if allocator.is_used(block) != seen.is_used(block) {
+                    mismatches += 1;
+                    if mismatches <= 10 {
+                        report.errors.push(format!(
+                            "allocator: disk block {block} is {} but {}",
+                            if allocator.is_used(block) {
+                                "used"
+                            } else {
+                                "free"
+                            },
+                            if seen.is_used(block) {
+                                "referenced"
+                            } else {
+                                "unreferenced"
+                            }
+                        ));
+                    }
+                }
+            }
+            if mismatches > 10 {
+                report
+                    .errors
+                    .push(format!("allocator: {mismatches} mismatches in all"));
+            }
+        }
+        for chunk in to_check.chunks(64) {
+            let reads = chunk.iter().map(|(_, _, entry)| {
+                let buf = self.inner.device.buffer(BLOCK_BYTES);
+                self.inner.device.read(entry.disk_block, buf)
+            });
+            for ((object, index, entry), (buf, result)) in chunk.iter().zip(join_all(reads).await) {
+                match result {
+                    Err(e) => report.errors.push(format!(
+                        "{object} block {index}: read of disk block {} failed: {e}",
+                        entry.disk_block
+                    )),
+                    Ok(()) => {
+                        let actual = crc32c::crc32c(&buf);
+                        if actual != entry.crc {
+                            report.errors.push(format!(
+                                "{object} block {index}: checksum mismatch at disk block {} \
+                                 (expected {:#010x}, read {actual:#010x})",
+                                entry.disk_block, entry.crc
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Groups metadata changes: one device flush for all the data they point at,
+/// then one synced RocksDB batch. A failed flush or commit fails the store:
+/// it can no longer tell what is durable.
+async fn run_committer<D: BlockDevice>(
+    device: Arc<D>,
+    meta: Arc<MetaStore>,
+    failed: Arc<AtomicBool>,
+    mut rx: mpsc::UnboundedReceiver<Commit>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < GROUP_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok(commit) => group.push(commit),
+                Err(_) => break,
+            }
+        }
+        let result = if failed.load(Ordering::Acquire) {
+            Err("store failed earlier".to_string())
+        } else {
+            commit_group(&device, &meta, &mut group).await
+        };
+        if let Err(message) = &result {
+            tracing::error!("store commit failed, refusing further writes: {message}");
+            failed.store(true, Ordering::Release);
+        }
+        for commit in group {
+            let _ = commit.done.send(result.clone());
+        }
+    }
+}
+
+async fn commit_group<D: BlockDevice>(
+    device: &Arc<D>,
+    meta: &Arc<MetaStore>,
+    group: &mut [Commit],
+) -> Result<(), String> {
+    if group.iter().any(|c| c.needs_flush) {
+        device
+            .flush()
+            .await
+            .map_err(|e| format!("data flush failed: {e}"))?;
+    }
+    let ops: Vec<MetaOp> = group
+        .iter_mut()
+        .flat_map(|c| std::mem::take(&mut c.ops))
+        .collect();
+    let meta = meta.clone();
+    tokio::task::spawn_blocking(move || meta.write(&ops, true))
+        .await
+        .map_err(|e| format!("metadata commit task failed: {e}"))?
+        .map_err(|e| format!("metadata commit failed: {e}"))
+}
