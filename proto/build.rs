@@ -2,7 +2,10 @@
 //! compiler), so a fresh machine needs no installed `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/grpc/health/v1/health.proto"];
+    let files = [
+        "proto/grpc/health/v1/health.proto",
+        "proto/basalt/monitor/v1/monitor.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

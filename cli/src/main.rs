@@ -4,21 +4,46 @@
 //! an NBD gateway or an admin command. This file only parses arguments, sets
 //! up logging and hands over to the library crates.
 
+mod admin;
 mod logging;
+mod mon;
 mod osd;
+mod table;
 
+use basalt_monitor::MonClient;
 use clap::{Parser, Subcommand};
 
 /// Basalt: distributed block storage.
 #[derive(Parser, Debug)]
 #[command(name = "basalt", version, about, long_about = None)]
 struct Cli {
+    /// Monitor addresses, comma-separated.
+    #[arg(
+        long,
+        global = true,
+        env = "BASALT_MON",
+        default_value = "127.0.1.1:6789"
+    )]
+    mon: String,
+    /// Print JSON instead of human tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a monitor (one member of the raft group that keeps the cluster map).
+    Mon(mon::MonArgs),
+    /// Cluster health, monitors, epoch, OSDs, pools and volumes.
+    Status,
+    /// Manage pools.
+    #[command(subcommand)]
+    Pool(admin::PoolCommand),
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(admin::VolumeCommand),
     /// OSD (storage daemon) tools.
     #[command(subcommand)]
     Osd(osd::OsdCommand),
@@ -28,7 +53,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init();
     let result = match cli.command {
-        Command::Osd(command) => osd::run(command),
+        Command::Mon(args) => mon::run_monitor(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Osd(command) => osd::run(command, cli.json),
+        Command::Status => with_mon(&cli.mon, |mon| admin::status(mon, cli.json)),
+        Command::Pool(command) => with_mon(&cli.mon, |mon| admin::pool(mon, command, cli.json)),
+        Command::Volume(command) => with_mon(&cli.mon, |mon| admin::volume(mon, command, cli.json)),
     };
     match result {
         Ok(code) => code,
@@ -37,4 +66,13 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn with_mon(
+    list: &str,
+    run: impl FnOnce(&MonClient) -> anyhow::Result<()>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let mon = MonClient::from_list(list)?;
+    run(&mon)?;
+    Ok(std::process::ExitCode::SUCCESS)
 }

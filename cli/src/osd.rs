@@ -15,9 +15,6 @@ pub enum OsdCommand {
         /// The OSD's data directory.
         #[arg(long)]
         data: PathBuf,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
     },
     /// Create an empty store in a new data directory.
     Format {
@@ -34,9 +31,9 @@ pub enum OsdCommand {
     },
 }
 
-pub fn run(command: OsdCommand) -> anyhow::Result<ExitCode> {
+pub fn run(command: OsdCommand, json: bool) -> anyhow::Result<ExitCode> {
     match command {
-        OsdCommand::Fsck { data, json } => fsck(data, json),
+        OsdCommand::Fsck { data } => fsck(data, json),
         OsdCommand::Format {
             data,
             size,

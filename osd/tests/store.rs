@@ -422,3 +422,74 @@ async fn power_loss_keeps_every_acknowledged_write() {
         store.close().await;
     }
 }
+
+/// A clone shares its source's blocks (reference counted): no data copied,
+/// later writes to either side copy on write, deletes free a block only
+/// when its last reference goes, and all of it survives a reopen.
+#[tokio::test]
+async fn clones_share_blocks_until_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    let (total_free, _) = store.space();
+    let a = key(1, 0);
+    let snap = key(1, 1);
+    let snap2 = key(1, 2);
+    let original = pattern(1, 16 * BLOCK_BYTES);
+    store.write(&a, 0, &original, 1).await.unwrap();
+    store.clone_object(&a, &snap, 2).await.unwrap();
+    assert_eq!(store.space().0, total_free - 16, "a clone copies no data");
+    assert_eq!(
+        &store.read(&snap, 0, 16 * B).await.unwrap()[..],
+        &original[..]
+    );
+
+    let patch = pattern(2, 4 * BLOCK_BYTES);
+    store.write(&a, 0, &patch, 3).await.unwrap();
+    assert_eq!(store.space().0, total_free - 20);
+    assert_eq!(&store.read(&a, 0, 4 * B).await.unwrap()[..], &patch[..]);
+    assert_eq!(
+        &store.read(&snap, 0, 16 * B).await.unwrap()[..],
+        &original[..]
+    );
+
+    store.clone_object(&snap, &snap2, 4).await.unwrap();
+    store.delete(&snap).await.unwrap();
+    assert_eq!(
+        store.space().0,
+        total_free - 20,
+        "snap2 still holds the old blocks"
+    );
+    assert_eq!(
+        &store.read(&snap2, 0, 16 * B).await.unwrap()[..],
+        &original[..]
+    );
+    store.discard(&a, 8 * B, 8 * B, 5).await.unwrap();
+    assert_eq!(
+        &store.read(&snap2, 0, 16 * B).await.unwrap()[..],
+        &original[..]
+    );
+    let report = store.fsck().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+
+    assert!(matches!(
+        store.clone_object(&a, &snap2, 6).await,
+        Err(StoreError::ObjectExists(_))
+    ));
+    assert!(matches!(
+        store.clone_object(&key(9, 9), &key(9, 10), 6).await,
+        Err(StoreError::ObjectNotFound(_))
+    ));
+    store.close().await;
+
+    let store = mem_store(&device, dir.path()).await;
+    assert!(store.fsck().await.unwrap().is_clean());
+    assert_eq!(
+        &store.read(&snap2, 0, 16 * B).await.unwrap()[..],
+        &original[..]
+    );
+    store.delete(&a).await.unwrap();
+    store.delete(&snap2).await.unwrap();
+    assert_eq!(store.space().0, total_free, "every block is free again");
+    assert!(store.fsck().await.unwrap().is_clean());
+}

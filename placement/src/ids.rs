@@ -53,6 +53,11 @@ id_type!(
     VolumeId(u64),
     "vol."
 );
+id_type!(
+    /// A point-in-time snapshot of a volume.
+    SnapshotId(u64),
+    "snap."
+);
 
 /// A placement group: the unit of replication, ordering and recovery.
 ///

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::error::MapError;
-use crate::ids::{Epoch, HostId, OsdId, PgId, PoolId, VolumeId, Weight, ZoneId};
+use crate::ids::{Epoch, HostId, OsdId, PgId, PoolId, SnapshotId, VolumeId, Weight, ZoneId};
 
 /// The map layout this code writes. Decoders accept this version only; an
 /// older layout will get its own module and a conversion when one exists.
@@ -122,6 +122,14 @@ impl Volume {
     }
 }
 
+/// A snapshot record: which volume, what name, taken at which epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub volume: VolumeId,
+    pub name: String,
+    pub created_epoch: Epoch,
+}
+
 /// A pool's placement exceptions: PG seed -> `(from, to)` replacements.
 pub type Upmap = BTreeMap<u32, Vec<(OsdId, OsdId)>>;
 
@@ -135,6 +143,8 @@ pub struct ClusterMap {
     pub osds: BTreeMap<OsdId, Osd>,
     pub pools: BTreeMap<PoolId, Pool>,
     pub volumes: BTreeMap<VolumeId, Volume>,
+    #[serde(default)]
+    pub snapshots: BTreeMap<SnapshotId, Snapshot>,
 }
 
 impl Default for ClusterMap {
@@ -154,6 +164,7 @@ impl ClusterMap {
             osds: BTreeMap::new(),
             pools: BTreeMap::new(),
             volumes: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
         }
     }
 
@@ -366,6 +377,11 @@ pub fn validate_volume_geometry(size_bytes: u64, object_size_bytes: u64) -> Resu
         });
     }
     Ok(())
+}
+
+/// Returns one more than the largest id, or 0.
+pub fn next_id64(existing: impl Iterator<Item = u64>) -> u64 {
+    existing.max().map_or(0, |max| max + 1)
 }
 
 fn next_id(existing: impl Iterator<Item = u32>) -> u32 {

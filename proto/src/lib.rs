@@ -6,3 +6,9 @@
 pub mod health {
     tonic::include_proto!("grpc.health.v1");
 }
+
+/// The monitor's API: cluster map, OSD membership, pools, volumes,
+/// snapshots, status, and the raft transport between monitors.
+pub mod monitor {
+    tonic::include_proto!("basalt.monitor.v1");
+}

@@ -1,1 +1,221 @@
-//! Test harness.
+//! Harness for multi-process tests: real `basalt` daemons on loopback
+//! addresses with free ports and temporary directories, killed and restarted
+//! by the tests, their logs checked for unexpected ERROR lines.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Returns the path of the `basalt` binary built with the tests.
+pub fn basalt_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("BASALT_BIN") {
+        return PathBuf::from(path);
+    }
+    // Test binaries live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("test binary has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary sits in target/<profile>/deps");
+    let bin = dir.join("basalt");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p basalt-cli) or set BASALT_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Returns a port on `ip` that was free a moment ago.
+pub fn free_port(ip: &str) -> u16 {
+    let listener = TcpListener::bind((ip, 0)).expect("bind a loopback address");
+    listener
+        .local_addr()
+        .expect("bound socket has an address")
+        .port()
+}
+
+/// One daemon process with its log file.
+pub struct Daemon {
+    pub name: String,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts `basalt ARGS`, appending stderr and stdout to `log`.
+    pub fn start(name: &str, args: Vec<String>, log: PathBuf) -> anyhow::Result<Daemon> {
+        let mut daemon = Daemon {
+            name: name.to_string(),
+            args,
+            log,
+            child: None,
+        };
+        daemon.restart()?;
+        Ok(daemon)
+    }
+
+    /// Starts the process again with the same arguments.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("{} is still running", self.name);
+        }
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("open {}", self.log.display()))?;
+        let child = Command::new(basalt_bin())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("start {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Returns the process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Returns whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Returns the log's lines at ERROR level that match none of `allowed`.
+    pub fn unexpected_errors(&self, allowed: &[&str]) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter(|line| line.contains(" ERROR ") || line.starts_with("ERROR"))
+            .filter(|line| !allowed.iter().any(|a| line.contains(a)))
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A monitor group of real processes on 127.0.1.1, 127.0.1.2, ...
+pub struct Monitors {
+    pub dir: tempfile::TempDir,
+    pub daemons: Vec<Daemon>,
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Monitors {
+    /// Starts `count` monitors with extra arguments for each.
+    pub fn start(count: usize, extra: &[&str]) -> anyhow::Result<Monitors> {
+        let dir = tempfile::tempdir().context("temp dir")?;
+        let names: Vec<String> = (0..count)
+            .map(|i| ((b'a' + i as u8) as char).to_string())
+            .collect();
+        let addrs: Vec<SocketAddr> = (0..count)
+            .map(|i| {
+                let ip = format!("127.0.1.{}", i + 1);
+                let port = free_port(&ip);
+                format!("{ip}:{port}")
+                    .parse()
+                    .expect("valid socket address")
+            })
+            .collect();
+        let peers: Vec<String> = names
+            .iter()
+            .zip(&addrs)
+            .map(|(n, a)| format!("{n}={a}"))
+            .collect();
+        let mut daemons = Vec::new();
+        for (name, addr) in names.iter().zip(&addrs) {
+            let mut args = vec![
+                "mon".to_string(),
+                "--id".into(),
+                name.clone(),
+                "--data".into(),
+                dir.path().join(format!("mon-{name}")).display().to_string(),
+                "--listen".into(),
+                addr.to_string(),
+                "--peers".into(),
+                peers.join(","),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            daemons.push(Daemon::start(
+                &format!("mon.{name}"),
+                args,
+                dir.path().join(format!("mon-{name}.log")),
+            )?);
+        }
+        Ok(Monitors {
+            dir,
+            daemons,
+            addrs,
+        })
+    }
+
+    /// The `--mon` list for clients.
+    pub fn mon_list(&self) -> Vec<String> {
+        self.addrs.iter().map(ToString::to_string).collect()
+    }
+
+    /// Returns the data directory of monitor `index`.
+    pub fn data_dir(&self, index: usize) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("mon-{}", (b'a' + index as u8) as char))
+    }
+
+    /// Fails if any monitor logged an ERROR line not matching `allowed`.
+    pub fn assert_clean_logs(&self, allowed: &[&str]) {
+        for daemon in &self.daemons {
+            let errors = daemon.unexpected_errors(allowed);
+            assert!(
+                errors.is_empty(),
+                "{} logged unexpected errors:\n{}",
+                daemon.name,
+                errors.join("\n")
+            );
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails after `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if started.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -14,9 +14,14 @@ pub struct Run {
 }
 
 /// A bitmap allocator over `block_count` blocks.
+///
+/// A second bitmap marks blocks shared by more than one object (snapshots,
+/// clones): their reference counts live in the metadata, and only blocks
+/// marked here need a metadata lookup before they can be freed.
 #[derive(Debug)]
 pub struct Allocator {
     words: Vec<u64>,
+    shared: Vec<u64>,
     block_count: u64,
     free_count: u64,
     cursor: u64,
@@ -34,6 +39,7 @@ impl Allocator {
             *last = !0u64 << tail;
         }
         Allocator {
+            shared: vec![0u64; words.len()],
             words,
             block_count,
             free_count: block_count,
@@ -54,6 +60,24 @@ impl Allocator {
     /// Returns whether `block` is in use.
     pub fn is_used(&self, block: u64) -> bool {
         block >= self.block_count || self.words[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    /// Returns whether `block` is shared by several objects.
+    pub fn is_shared(&self, block: u64) -> bool {
+        block < self.block_count && self.shared[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    /// Marks `block` as shared (`true`) or held by one object.
+    pub fn set_shared(&mut self, block: u64, shared: bool) {
+        if block >= self.block_count {
+            return;
+        }
+        let word = &mut self.shared[(block / 64) as usize];
+        if shared {
+            *word |= 1 << (block % 64);
+        } else {
+            *word &= !(1 << (block % 64));
+        }
     }
 
     /// Marks `block` used while rebuilding; returns false if it already was
@@ -110,9 +134,10 @@ impl Allocator {
         Some(runs)
     }
 
-    /// Frees one block; freeing a free block is a bug.
+    /// Frees one block; freeing a free or shared block is a bug.
     pub fn free(&mut self, block: u64) {
         assert!(self.is_used(block), "double free of block {block}");
+        assert!(!self.is_shared(block), "free of shared block {block}");
         assert!(
             block < self.block_count,
             "free of block {block} out of range"

@@ -25,6 +25,10 @@ pub enum StoreError {
         len: u64,
         max: u64,
     },
+    #[error("{0} already exists")]
+    ObjectExists(ObjectKey),
+    #[error("{0} does not exist")]
+    ObjectNotFound(ObjectKey),
     #[error("no space: {needed} blocks needed, {free} free")]
     NoSpace { needed: u64, free: u64 },
     #[error(
@@ -63,6 +67,8 @@ impl StoreError {
             StoreError::InvalidAlignment { .. }
                 | StoreError::InvalidRange { .. }
                 | StoreError::NoSpace { .. }
+                | StoreError::ObjectExists(_)
+                | StoreError::ObjectNotFound(_)
         )
     }
 }

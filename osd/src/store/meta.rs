@@ -60,6 +60,15 @@ pub enum MetaOp {
     DeleteObject {
         key: [u8; OBJECT_KEY_BYTES],
     },
+    /// Sets the reference count of a shared disk block (>= 2).
+    PutRef {
+        disk_block: u64,
+        count: u32,
+    },
+    /// The disk block is referenced once again.
+    DeleteRef {
+        disk_block: u64,
+    },
 }
 
 /// The RocksDB database of one store.
@@ -212,10 +221,42 @@ impl MetaStore {
         Ok(out)
     }
 
+    /// Returns the reference count of a shared disk block, if it is shared.
+    pub fn block_ref(&self, disk_block: u64) -> Result<Option<u32>, StoreError> {
+        match self
+            .db
+            .get_cf(self.cf(CF_SNAP_REFS)?, disk_block.to_be_bytes())?
+        {
+            None => Ok(None),
+            Some(bytes) => decode_ref(&bytes).map(Some),
+        }
+    }
+
+    /// Calls `visit` for every shared disk block and its reference count.
+    pub fn for_each_ref(
+        &self,
+        mut visit: impl FnMut(u64, u32) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_SNAP_REFS)?, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            if k.len() != 8 {
+                return Err(StoreError::Corrupt(format!("ref key of {} bytes", k.len())));
+            }
+            let mut disk = [0u8; 8];
+            disk.copy_from_slice(&k);
+            visit(u64::from_be_bytes(disk), decode_ref(&v)?)?;
+        }
+        Ok(())
+    }
+
     /// Applies `ops` atomically; with `sync`, durably before returning.
     pub fn write(&self, ops: &[MetaOp], sync: bool) -> Result<(), StoreError> {
         let objects = self.cf(CF_OBJECTS)?;
         let blocks = self.cf(CF_BLOCKS)?;
+        let refs = self.cf(CF_SNAP_REFS)?;
         let mut batch = rocksdb::WriteBatch::default();
         for op in ops {
             match op {
@@ -223,6 +264,10 @@ impl MetaStore {
                 MetaOp::DeleteBlock { key } => batch.delete_cf(blocks, key),
                 MetaOp::PutObject { key, info } => batch.put_cf(objects, key, info.encode()),
                 MetaOp::DeleteObject { key } => batch.delete_cf(objects, key),
+                MetaOp::PutRef { disk_block, count } => {
+                    batch.put_cf(refs, disk_block.to_be_bytes(), encode_ref(*count))
+                }
+                MetaOp::DeleteRef { disk_block } => batch.delete_cf(refs, disk_block.to_be_bytes()),
             }
         }
         let mut options = rocksdb::WriteOptions::default();
@@ -230,6 +275,25 @@ impl MetaStore {
         self.db.write_opt(batch, &options)?;
         Ok(())
     }
+}
+
+fn encode_ref(count: u32) -> [u8; 5] {
+    let mut out = [0u8; 5];
+    out[0] = 1;
+    out[1..].copy_from_slice(&count.to_le_bytes());
+    out
+}
+
+fn decode_ref(bytes: &[u8]) -> Result<u32, StoreError> {
+    if bytes.len() != 5 || bytes[0] != 1 {
+        return Err(StoreError::Corrupt(format!(
+            "ref value of {} bytes",
+            bytes.len()
+        )));
+    }
+    let mut count = [0u8; 4];
+    count.copy_from_slice(&bytes[1..]);
+    Ok(u32::from_le_bytes(count))
 }
 
 /// Returns the smallest key greater than every key starting with `prefix`.

@@ -91,11 +91,23 @@ struct Commit {
     done: oneshot::Sender<Result<(), String>>,
 }
 
+/// What giving up a change's old blocks takes: reference-count updates to
+/// commit with the change, then blocks to unshare and to free.
+struct Release<'a> {
+    ops: Vec<MetaOp>,
+    free: Vec<u64>,
+    unshare: Vec<u64>,
+    _refs: Option<tokio::sync::MutexGuard<'a, ()>>,
+}
+
 struct Inner<D> {
     device: Arc<D>,
     meta: Arc<MetaStore>,
     allocator: Mutex<Allocator>,
     locks: Vec<RwLock<()>>,
+    /// Serialises changes to shared blocks' reference counts, from reading
+    /// a count to committing the new one.
+    refs_lock: tokio::sync::Mutex<()>,
     commits: mpsc::UnboundedSender<Commit>,
     failed: Arc<AtomicBool>,
     config: StoreConfig,
@@ -219,12 +231,16 @@ impl<D: BlockDevice> ObjectStore<D> {
             )));
         }
         let mut allocator = Allocator::new(superblock.block_count);
+        meta.for_each_ref(|disk_block, _| {
+            allocator.set_shared(disk_block, true);
+            Ok(())
+        })?;
         meta.for_each_block(|object, index, entry| {
-            if allocator.mark_used(entry.disk_block) {
+            if allocator.mark_used(entry.disk_block) || allocator.is_shared(entry.disk_block) {
                 Ok(())
             } else {
                 Err(StoreError::Corrupt(format!(
-                    "disk block {} of {object} block {index} is referenced twice or out of range",
+                    "disk block {} of {object} block {index} is referenced twice (unshared) or out of range",
                     entry.disk_block
                 )))
             }
@@ -250,6 +266,7 @@ impl<D: BlockDevice> ObjectStore<D> {
                 meta,
                 allocator: Mutex::new(allocator),
                 locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+                refs_lock: tokio::sync::Mutex::new(()),
                 commits,
                 failed,
                 config,
@@ -284,11 +301,15 @@ impl<D: BlockDevice> ObjectStore<D> {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock(&self, key: &ObjectKey) -> &RwLock<()> {
+    fn stripe(&self, key: &ObjectKey) -> usize {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut hasher);
-        &self.inner.locks[hasher.finish() as usize % LOCK_STRIPES]
+        hasher.finish() as usize % LOCK_STRIPES
+    }
+
+    fn lock(&self, key: &ObjectKey) -> &RwLock<()> {
+        &self.inner.locks[self.stripe(key)]
     }
 
     fn check_range(&self, key: &ObjectKey, offset: u64, len: u64) -> Result<(), StoreError> {
@@ -402,12 +423,134 @@ impl<D: BlockDevice> ObjectStore<D> {
             key: object_key(key),
             info: ObjectInfo { version },
         });
+        let release = match self
+            .release(old.into_iter().flatten().map(|e| e.disk_block).collect())
+            .await
+        {
+            Ok(release) => release,
+            Err(e) => {
+                self.allocator().free_runs(&runs);
+                return Err(e);
+            }
+        };
+        ops.extend(release.ops.iter().cloned());
         // On failure whether the batch reached RocksDB is unknown: keep the
         // new blocks allocated (the store is failed; a restart rebuilds).
         self.commit(ops, true).await?;
+        self.finish_release(release);
+        Ok(())
+    }
+
+    /// Plans giving up `disk_blocks` (old blocks of a change): exclusive ones
+    /// are freed after the commit; shared ones lose one reference in the same
+    /// commit. The caller holds the object's lock, so an exclusive block
+    /// cannot become shared meanwhile.
+    async fn release(&self, disk_blocks: Vec<u64>) -> Result<Release<'_>, StoreError> {
+        let (shared, free): (Vec<u64>, Vec<u64>) = {
+            let allocator = self.allocator();
+            disk_blocks
+                .into_iter()
+                .partition(|b| allocator.is_shared(*b))
+        };
+        let mut release = Release {
+            ops: Vec::new(),
+            free,
+            unshare: Vec::new(),
+            _refs: None,
+        };
+        if shared.is_empty() {
+            return Ok(release);
+        }
+        release._refs = Some(self.inner.refs_lock.lock().await);
+        for disk_block in shared {
+            let count = self.inner.meta.block_ref(disk_block)?.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "shared disk block {disk_block} has no reference count"
+                ))
+            })?;
+            if count > 2 {
+                release.ops.push(MetaOp::PutRef {
+                    disk_block,
+                    count: count - 1,
+                });
+            } else {
+                release.ops.push(MetaOp::DeleteRef { disk_block });
+                release.unshare.push(disk_block);
+            }
+        }
+        Ok(release)
+    }
+
+    fn finish_release(&self, release: Release<'_>) {
         let mut allocator = self.allocator();
-        for entry in old.into_iter().flatten() {
-            allocator.free(entry.disk_block);
+        for block in &release.unshare {
+            allocator.set_shared(*block, false);
+        }
+        for block in &release.free {
+            allocator.free(*block);
+        }
+    }
+
+    /// Makes `target` a copy of `source` that shares its blocks (a snapshot
+    /// or clone): no data is copied; each shared block's reference count goes
+    /// up, and a later write to either object lands in fresh blocks.
+    pub async fn clone_object(
+        &self,
+        source: &ObjectKey,
+        target: &ObjectKey,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        self.check_failed()?;
+        if source == target {
+            return Err(StoreError::ObjectExists(*target));
+        }
+        let (first, second) = (self.stripe(source), self.stripe(target));
+        let _first = self.inner.locks[first.min(second)].write().await;
+        let _second = if first != second {
+            Some(self.inner.locks[first.max(second)].write().await)
+        } else {
+            None
+        };
+        if self.inner.meta.object_info(target)?.is_some() {
+            return Err(StoreError::ObjectExists(*target));
+        }
+        if self.inner.meta.object_info(source)?.is_none() {
+            return Err(StoreError::ObjectNotFound(*source));
+        }
+        let blocks = self.inner.meta.object_blocks(source)?;
+        let _refs = self.inner.refs_lock.lock().await;
+        let mut ops = Vec::with_capacity(blocks.len() * 2 + 1);
+        for (index, entry) in &blocks {
+            let count = if self.allocator().is_shared(entry.disk_block) {
+                self.inner
+                    .meta
+                    .block_ref(entry.disk_block)?
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "shared disk block {} has no reference count",
+                            entry.disk_block
+                        ))
+                    })?
+            } else {
+                1
+            };
+            ops.push(MetaOp::PutBlock {
+                key: block_key(target, *index),
+                entry: *entry,
+            });
+            ops.push(MetaOp::PutRef {
+                disk_block: entry.disk_block,
+                count: count + 1,
+            });
+        }
+        ops.push(MetaOp::PutObject {
+            key: object_key(target),
+            info: ObjectInfo { version },
+        });
+        self.commit(ops, false).await?;
+        let mut allocator = self.allocator();
+        for (_, entry) in &blocks {
+            allocator.set_shared(entry.disk_block, true);
         }
         Ok(())
     }
@@ -525,11 +668,12 @@ impl<D: BlockDevice> ObjectStore<D> {
             key: object_key(key),
             info: ObjectInfo { version },
         });
+        let release = self
+            .release(old.into_iter().flatten().map(|e| e.disk_block).collect())
+            .await?;
+        ops.extend(release.ops.iter().cloned());
         self.commit(ops, false).await?;
-        let mut allocator = self.allocator();
-        for entry in old.into_iter().flatten() {
-            allocator.free(entry.disk_block);
-        }
+        self.finish_release(release);
         Ok(())
     }
 
@@ -548,11 +692,12 @@ impl<D: BlockDevice> ObjectStore<D> {
         ops.push(MetaOp::DeleteObject {
             key: object_key(key),
         });
+        let release = self
+            .release(blocks.iter().map(|(_, e)| e.disk_block).collect())
+            .await?;
+        ops.extend(release.ops.iter().cloned());
         self.commit(ops, false).await?;
-        let mut allocator = self.allocator();
-        for (_, entry) in blocks {
-            allocator.free(entry.disk_block);
-        }
+        self.finish_release(release);
         Ok(())
     }
 
@@ -614,6 +759,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         let known: std::collections::HashSet<ObjectKey> =
             objects.iter().map(|(key, _)| *key).collect();
         let mut seen = Allocator::new(block_count);
+        let mut extra_refs: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
         let mut to_check: Vec<(ObjectKey, u32, BlockEntry)> = Vec::new();
         self.inner.meta.for_each_block(|object, index, entry| {
             report.blocks += 1;
@@ -622,16 +768,39 @@ impl<D: BlockDevice> ObjectStore<D> {
                     .errors
                     .push(format!("{object} block {index}: object has no info record"));
             }
-            if !seen.mark_used(entry.disk_block) {
+            if entry.disk_block >= block_count {
                 report.errors.push(format!(
-                    "{object} block {index}: disk block {} out of range or referenced twice",
+                    "{object} block {index}: disk block {} out of range",
                     entry.disk_block
                 ));
+            } else if !seen.mark_used(entry.disk_block) {
+                *extra_refs.entry(entry.disk_block).or_default() += 1;
             } else {
                 to_check.push((object, index, entry));
             }
             Ok(())
         })?;
+        let mut recorded: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+        self.inner.meta.for_each_ref(|disk_block, count| {
+            recorded.insert(disk_block, count);
+            Ok(())
+        })?;
+        for (disk_block, extra) in &extra_refs {
+            let actual = extra + 1;
+            if recorded.get(disk_block) != Some(&actual) {
+                report.errors.push(format!(
+                    "disk block {disk_block} is referenced {actual} times but its count says {:?}",
+                    recorded.get(disk_block)
+                ));
+            }
+        }
+        for (disk_block, count) in &recorded {
+            if !extra_refs.contains_key(disk_block) {
+                report.errors.push(format!(
+                    "disk block {disk_block} has count {count} but is referenced once or never"
+                ));
+            }
+        }
         {
             let allocator = self.allocator();
             report.free_blocks = allocator.free_count();

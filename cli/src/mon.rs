@@ -1,0 +1,75 @@
+//! `basalt mon`: runs one monitor.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use basalt_monitor::{MonitorConfig, run};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args, Debug)]
+pub struct MonArgs {
+    /// This monitor's name (one of --peers).
+    #[arg(long)]
+    id: String,
+    /// Data directory (raft log, vote, snapshots); created if missing.
+    #[arg(long)]
+    data: PathBuf,
+    /// Address to serve on, e.g. 127.0.1.1:6789.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Every monitor, this one included: a=127.0.1.1:6789,b=127.0.1.2:6789,...
+    #[arg(long)]
+    peers: String,
+    /// Silence after which an OSD is marked down, in milliseconds.
+    #[arg(long, default_value_t = 6_000)]
+    osd_down_after_ms: u64,
+    /// Silence after which an OSD is marked out, in milliseconds.
+    #[arg(long, default_value_t = 600_000)]
+    osd_out_after_ms: u64,
+    /// Log entries between raft snapshots (log compaction).
+    #[arg(long, default_value_t = 5_000)]
+    snapshot_every: u64,
+}
+
+pub fn run_monitor(args: MonArgs) -> anyhow::Result<()> {
+    let peers = MonitorConfig::parse_peers(&args.peers)?;
+    let mut config = MonitorConfig::new(args.id, args.data, args.listen, peers);
+    config.osd_down_after_ms = args.osd_down_after_ms;
+    config.osd_out_after_ms = args.osd_out_after_ms;
+    config.snapshot_every_entries = args.snapshot_every.max(10);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("monitor stopping");
+            signal.cancel();
+        });
+        run(config, shutdown).await.context("monitor failed")
+    })
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! store-bench: the object store against fio on a raw file, same disk, same
+//! working-set size, same run.
+//!
+//! `cargo run --release -p basalt-osd --bin store-bench -- --dir DIR --size 4G [--json]`
+//!
+//! Workloads (4 KiB unless said): random write QD1 (the store acknowledges
+//! only durable writes, so raw fio runs with `--fdatasync=1` for this one),
+//! random write QD32 (raw without sync), random read QD1 and QD32, 1 MiB
+//! sequential write QD8. The store's working set and the raw file are both
+//! half of `--size` (copy-on-write needs free blocks) and both prefilled.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use basalt_osd::store::{ObjectKey, ObjectStore, StoreConfig, UringDevice};
+use basalt_placement::{ObjectId, PgId, PoolId, VolumeId};
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+const OBJECT_BYTES: u64 = 4 << 20;
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark the OSD object store against raw fio")]
+struct Args {
+    /// Scratch directory (created; its contents are replaced).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Store size, e.g. 4G; the working set is half of it.
+    #[arg(long, default_value = "4G")]
+    size: String,
+    /// Seconds per workload.
+    #[arg(long, default_value_t = 8)]
+    runtime: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Figures {
+    iops: f64,
+    mib_per_sec: f64,
+    latency_us_mean: f64,
+    latency_us_p99: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    workload: &'static str,
+    raw: Figures,
+    store: Figures,
+    ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    randwrite_qd1_vs_raw_fdatasync: f64,
+    randwrite_qd32_vs_raw: f64,
+    randread_qd32_vs_raw: f64,
+    randread_qd1_vs_raw: f64,
+    randread_qd1_latency_delta_us: f64,
+    seqwrite_vs_raw: f64,
+    working_set_bytes: u64,
+    runtime_seconds: u64,
+    rows: Vec<Row>,
+}
+
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    write: bool,
+    random: bool,
+    block_bytes: u64,
+    depth: usize,
+    raw_fdatasync: bool,
+}
+
+const WORKLOADS: [Workload; 5] = [
+    Workload {
+        name: "randwrite 4k qd1",
+        write: true,
+        random: true,
+        block_bytes: 4096,
+        depth: 1,
+        raw_fdatasync: true,
+    },
+    Workload {
+        name: "randwrite 4k qd32",
+        write: true,
+        random: true,
+        block_bytes: 4096,
+        depth: 32,
+        raw_fdatasync: false,
+    },
+    Workload {
+        name: "randread 4k qd1",
+        write: false,
+        random: true,
+        block_bytes: 4096,
+        depth: 1,
+        raw_fdatasync: false,
+    },
+    Workload {
+        name: "randread 4k qd32",
+        write: false,
+        random: true,
+        block_bytes: 4096,
+        depth: 32,
+        raw_fdatasync: false,
+    },
+    Workload {
+        name: "seqwrite 1m qd8",
+        write: true,
+        random: false,
+        block_bytes: 1 << 20,
+        depth: 8,
+        raw_fdatasync: false,
+    },
+];
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let size = parse_size(&args.size)?;
+    let working_set = (size / 2) / OBJECT_BYTES * OBJECT_BYTES;
+    if working_set < OBJECT_BYTES {
+        bail!("--size must be at least 8M");
+    }
+    if Command::new("fio").arg("--version").output().is_err() {
+        bail!("fio is not installed (apt-get install fio, or run scripts/install-deps.sh)");
+    }
+    if args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir)
+            .with_context(|| format!("clear {}", args.dir.display()))?;
+    }
+    std::fs::create_dir_all(&args.dir).context("create scratch directory")?;
+    let raw_file = args.dir.join("raw.img");
+    let store_dir = args.dir.join("store");
+
+    progress(&format!(
+        "prefilling a {} MiB raw file with fio",
+        working_set >> 20
+    ));
+    fio_prefill(&raw_file, working_set)?;
+    progress(&format!(
+        "formatting a {} MiB store (zero-filled, as fio's file is)",
+        size >> 20
+    ));
+    ObjectStore::format_dir(&store_dir, size, true).context("format store")?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    let store = Arc::new(
+        runtime
+            .block_on(ObjectStore::open_dir(&store_dir, StoreConfig::default()))
+            .context("open store")?,
+    );
+    progress("prefilling the store's working set");
+    runtime.block_on(prefill_store(&store, working_set))?;
+
+    let mut rows = Vec::new();
+    for workload in WORKLOADS {
+        progress(&format!("{}: raw fio", workload.name));
+        let raw = fio_run(&raw_file, working_set, &workload, args.runtime)?;
+        progress(&format!("{}: store", workload.name));
+        let store_figures = runtime.block_on(store_run(
+            store.clone(),
+            working_set,
+            workload,
+            Duration::from_secs(args.runtime),
+        ))?;
+        rows.push(Row {
+            workload: workload.name,
+            raw,
+            ratio: store_figures.iops / raw.iops.max(1e-9),
+            store: store_figures,
+        });
+    }
+    if let Ok(store) = Arc::try_unwrap(store) {
+        runtime.block_on(store.close());
+    }
+    let ratio = |name: &str| {
+        rows.iter()
+            .find(|r| r.workload == name)
+            .map_or(0.0, |r| r.ratio)
+    };
+    let qd1_read = rows
+        .iter()
+        .find(|r| r.workload == "randread 4k qd1")
+        .map_or(0.0, |r| r.store.latency_us_mean - r.raw.latency_us_mean);
+    let report = Report {
+        randwrite_qd1_vs_raw_fdatasync: ratio("randwrite 4k qd1"),
+        randwrite_qd32_vs_raw: ratio("randwrite 4k qd32"),
+        randread_qd32_vs_raw: ratio("randread 4k qd32"),
+        randread_qd1_vs_raw: ratio("randread 4k qd1"),
+        randread_qd1_latency_delta_us: qd1_read,
+        seqwrite_vs_raw: ratio("seqwrite 1m qd8"),
+        working_set_bytes: working_set,
+        runtime_seconds: args.runtime,
+        rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    let _ = std::fs::remove_dir_all(&args.dir);
+    Ok(())
+}
+
+fn progress(step: &str) {
+    eprintln!("store-bench: {step}...");
+}
+
+fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let (number, shift) = match text.chars().last() {
+        Some('K' | 'k') => (&text[..text.len() - 1], 10),
+        Some('M' | 'm') => (&text[..text.len() - 1], 20),
+        Some('G' | 'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let value: u64 = number
+        .parse()
+        .with_context(|| format!("size {text:?} is not a number with K/M/G"))?;
+    value
+        .checked_mul(1 << shift)
+        .with_context(|| format!("size {text:?} too large"))
+}
+
+fn fio_prefill(file: &Path, size: u64) -> anyhow::Result<()> {
+    let status = Command::new("fio")
+        .args([
+            "--name=prefill",
+            &format!("--filename={}", file.display()),
+            &format!("--size={size}"),
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+            "--output-format=json",
+        ])
+        .output()
+        .context("run fio prefill")?;
+    if !status.status.success() {
+        bail!(
+            "fio prefill failed: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn fio_run(file: &Path, size: u64, workload: &Workload, runtime: u64) -> anyhow::Result<Figures> {
+    let rw = match (workload.write, workload.random) {
+        (true, true) => "randwrite",
+        (true, false) => "write",
+        (false, true) => "randread",
+        (false, false) => "read",
+    };
+    let mut command = Command::new("fio");
+    command.args([
+        "--name=raw",
+        &format!("--filename={}", file.display()),
+        &format!("--size={size}"),
+        "--ioengine=io_uring",
+        "--direct=1",
+        &format!("--rw={rw}"),
+        &format!("--bs={}", workload.block_bytes),
+        &format!("--iodepth={}", workload.depth),
+        &format!("--runtime={runtime}"),
+        "--time_based",
+        "--ramp_time=1",
+        "--randrepeat=0",
+        "--norandommap",
+        "--output-format=json",
+    ]);
+    if workload.raw_fdatasync {
+        command.arg("--fdatasync=1");
+    }
+    let output = command.output().context("run fio")?;
+    if !output.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let start = text.find('{').context("fio printed no JSON")?;
+    let json: serde_json::Value = serde_json::from_str(&text[start..]).context("parse fio JSON")?;
+    let side = if workload.write { "write" } else { "read" };
+    let job = &json["jobs"][0][side];
+    let iops = job["iops"].as_f64().context("fio JSON has no iops")?;
+    let bytes_per_sec = job["bw_bytes"].as_f64().unwrap_or(0.0);
+    // With --fdatasync=1 a write's cost includes its flush: use the total
+    // time per op rather than the write's own latency.
+    let mean_us = if workload.raw_fdatasync {
+        1e6 / iops.max(1e-9)
+    } else {
+        job["lat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0
+    };
+    let p99_us = job["clat_ns"]["percentile"]["99.000000"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1000.0;
+    Ok(Figures {
+        iops,
+        mib_per_sec: bytes_per_sec / (1 << 20) as f64,
+        latency_us_mean: mean_us,
+        latency_us_p99: p99_us,
+    })
+}
+
+fn object_key(index: u64) -> ObjectKey {
+    ObjectKey {
+        pg: PgId::new(PoolId(0), (index % 64) as u32),
+        object: ObjectId {
+            volume: VolumeId(1),
+            index,
+        },
+    }
+}
+
+async fn prefill_store(
+    store: &Arc<ObjectStore<UringDevice>>,
+    working_set: u64,
+) -> anyhow::Result<()> {
+    let objects = working_set / OBJECT_BYTES;
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..8u64 {
+        let store = store.clone();
+        let chunk = chunk.clone();
+        tasks.spawn(async move {
+            let mut index = worker;
+            while index < objects {
+                for part in 0..OBJECT_BYTES / (1 << 20) {
+                    store
+                        .write(&object_key(index), part << 20, &chunk, 1)
+                        .await?;
+                }
+                index += 8;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.context("prefill task")??;
+    }
+    Ok(())
+}
+
+async fn store_run(
+    store: Arc<ObjectStore<UringDevice>>,
+    working_set: u64,
+    workload: Workload,
+    runtime: Duration,
+) -> anyhow::Result<Figures> {
+    let blocks_in_set = working_set / workload.block_bytes;
+    let ramp = Duration::from_secs(1);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..workload.depth as u64 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut rng = ChaCha8Rng::seed_from_u64(worker);
+            let data = vec![0xa5u8; workload.block_bytes as usize];
+            let mut latencies_us: Vec<u32> = Vec::new();
+            let mut sequential = worker * blocks_in_set / workload.depth as u64;
+            let mut version = 2u64;
+            loop {
+                let now = Instant::now();
+                if now.duration_since(started) > ramp + runtime {
+                    break;
+                }
+                let block = if workload.random {
+                    rng.random_range(0..blocks_in_set)
+                } else {
+                    sequential = (sequential + 1) % blocks_in_set;
+                    sequential
+                };
+                let offset = block * workload.block_bytes;
+                let key = object_key(offset / OBJECT_BYTES);
+                let within = offset % OBJECT_BYTES;
+                if workload.write {
+                    version += 1;
+                    store.write(&key, within, &data, version).await?;
+                } else {
+                    store.read(&key, within, workload.block_bytes).await?;
+                }
+                if now.duration_since(started) >= ramp {
+                    latencies_us.push(now.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+            }
+            anyhow::Ok(latencies_us)
+        });
+    }
+    let mut latencies: Vec<u32> = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        latencies.extend(result.context("bench task")??);
+    }
+    if latencies.is_empty() {
+        bail!("{}: no operation completed", workload.name);
+    }
+    latencies.sort_unstable();
+    let seconds = runtime.as_secs_f64();
+    let count = latencies.len() as f64;
+    let mean = latencies.iter().map(|l| *l as f64).sum::<f64>() / count;
+    let p99 = latencies[((count * 0.99) as usize).min(latencies.len() - 1)] as f64;
+    Ok(Figures {
+        iops: count / seconds,
+        mib_per_sec: count * workload.block_bytes as f64 / seconds / (1 << 20) as f64,
+        latency_us_mean: mean,
+        latency_us_p99: p99,
+    })
+}
+
+fn print_table(report: &Report) {
+    println!(
+        "{:<20} {:>11} {:>11} {:>7} {:>10} {:>10} {:>10} {:>10}",
+        "workload",
+        "raw IOPS",
+        "store IOPS",
+        "ratio",
+        "raw mean",
+        "store mean",
+        "raw p99",
+        "store p99"
+    );
+    for row in &report.rows {
+        println!(
+            "{:<20} {:>11.0} {:>11.0} {:>7.2} {:>8.0}us {:>8.0}us {:>8.0}us {:>8.0}us",
+            row.workload,
+            row.raw.iops,
+            row.store.iops,
+            row.ratio,
+            row.raw.latency_us_mean,
+            row.store.latency_us_mean,
+            row.raw.latency_us_p99,
+            row.store.latency_us_p99,
+        );
+    }
+    println!();
+    println!(
+        "randwrite_qd1_vs_raw_fdatasync {:.2}  randwrite_qd32_vs_raw {:.2}  randread_qd32_vs_raw {:.2}  \
+         randread_qd1_latency_delta_us {:.1}  seqwrite_vs_raw {:.2}",
+        report.randwrite_qd1_vs_raw_fdatasync,
+        report.randwrite_qd32_vs_raw,
+        report.randread_qd32_vs_raw,
+        report.randread_qd1_latency_delta_us,
+        report.seqwrite_vs_raw
+    );
+}
