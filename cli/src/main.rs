@@ -5,6 +5,7 @@
 //! up logging and hands over to the library crates.
 
 mod admin;
+mod dev;
 mod logging;
 mod mon;
 mod osd;
@@ -44,9 +45,19 @@ enum Command {
     /// Manage volumes.
     #[command(subcommand)]
     Volume(admin::VolumeCommand),
-    /// OSD (storage daemon) tools.
+    /// Run an OSD (storage daemon), or an OSD tool (format, fsck).
+    Osd(osd::OsdArgs),
+    /// A whole cluster on this machine, for trying, testing, benchmarking.
     #[command(subcommand)]
-    Osd(osd::OsdCommand),
+    Dev(DevCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DevCommand {
+    /// Start (or restart) a local cluster and wait until it is healthy.
+    Up(dev::UpArgs),
+    /// Stop every process of a local cluster (data is kept).
+    Down(dev::DownArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,7 +65,13 @@ fn main() -> std::process::ExitCode {
     logging::init();
     let result = match cli.command {
         Command::Mon(args) => mon::run_monitor(args).map(|()| std::process::ExitCode::SUCCESS),
-        Command::Osd(command) => osd::run(command, cli.json),
+        Command::Osd(args) => osd::run(args, &cli.mon, cli.json),
+        Command::Dev(DevCommand::Up(args)) => {
+            dev::up(args).map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::Dev(DevCommand::Down(args)) => {
+            dev::down(args).map(|()| std::process::ExitCode::SUCCESS)
+        }
         Command::Status => with_mon(&cli.mon, |mon| admin::status(mon, cli.json)),
         Command::Pool(command) => with_mon(&cli.mon, |mon| admin::pool(mon, command, cli.json)),
         Command::Volume(command) => with_mon(&cli.mon, |mon| admin::volume(mon, command, cli.json)),

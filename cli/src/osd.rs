@@ -1,11 +1,44 @@
 //! `basalt osd ...`: storage daemon tools.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use basalt_osd::daemon::OsdConfig;
 use basalt_osd::store::{ObjectStore, StoreConfig};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// `basalt osd`: runs the daemon, or a tool with a subcommand.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct OsdArgs {
+    #[command(subcommand)]
+    command: Option<OsdCommand>,
+    /// The OSD's id (checked against the data directory); assigned by the
+    /// monitors at first boot when omitted.
+    #[arg(long)]
+    id: Option<u32>,
+    /// Data directory; formatted on first start.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Data-plane address, e.g. 127.0.1.1:6800.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Host name (failure domain); defaults to the machine's host name.
+    #[arg(long)]
+    host: Option<String>,
+    /// Zone (rack) of the host.
+    #[arg(long, default_value = "")]
+    zone: String,
+    /// Size of the data file created on first start, e.g. 8G.
+    #[arg(long, default_value = "8G")]
+    size: String,
+    /// Placement weight.
+    #[arg(long, default_value_t = 1.0)]
+    weight: f64,
+}
 
 #[derive(Subcommand, Debug)]
 pub enum OsdCommand {
@@ -31,7 +64,11 @@ pub enum OsdCommand {
     },
 }
 
-pub fn run(command: OsdCommand, json: bool) -> anyhow::Result<ExitCode> {
+pub fn run(args: OsdArgs, mon: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let Some(command) = args.command else {
+        run_daemon(args, mon)?;
+        return Ok(ExitCode::SUCCESS);
+    };
     match command {
         OsdCommand::Fsck { data } => fsck(data, json),
         OsdCommand::Format {
@@ -46,6 +83,49 @@ pub fn run(command: OsdCommand, json: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn run_daemon(args: OsdArgs, mon: &str) -> anyhow::Result<()> {
+    let Some(data) = args.data else {
+        bail!("--data is required to run an OSD");
+    };
+    let Some(listen) = args.listen else {
+        bail!("--listen is required to run an OSD");
+    };
+    let host = match args.host {
+        Some(host) => host,
+        None => std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
+    };
+    let config = OsdConfig {
+        id: args.id,
+        data_dir: data,
+        mon: mon.split(',').map(|s| s.trim().to_string()).collect(),
+        listen,
+        host,
+        zone: args.zone,
+        size_bytes: parse_size(&args.size)?,
+        weight: args.weight,
+        heartbeat_interval_ms: 1_000,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            crate::mon::wait_for_signal().await;
+            tracing::info!("OSD stopping");
+            signal.cancel();
+        });
+        basalt_osd::daemon::run(config, shutdown)
+            .await
+            .context("OSD failed")
+    })
 }
 
 fn fsck(data: PathBuf, json: bool) -> anyhow::Result<ExitCode> {

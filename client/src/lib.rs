@@ -1,5 +1,13 @@
 //! The block client library (librbd's job): volume -> fixed-size objects ->
-//! placement group -> primary OSD, with a map cache, retries across map changes
-//! and pipelined requests. Used by the NBD gateway, the CSI driver and fio-bench.
-//!
-//! Nothing is implemented yet: see the replicated-write-path issue.
+//! placement group -> primary OSD, with a cached map refreshed on stale-epoch
+//! replies, retries across map changes and lost connections, and pipelined
+//! requests on shared connections. Used by the NBD gateway, the CSI driver,
+//! fio-bench and the OSDs themselves (replication uses [`connection`]).
+
+pub mod block_client;
+pub mod connection;
+pub mod error;
+
+pub use block_client::{BlockClient, ClientConfig, Volume};
+pub use connection::{Connection, ConnectionPool};
+pub use error::ClientError;

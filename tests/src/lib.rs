@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,13 +15,14 @@ pub fn basalt_bin() -> PathBuf {
     if let Ok(path) = std::env::var("BASALT_BIN") {
         return PathBuf::from(path);
     }
-    // Test binaries live in target/<profile>/deps; binaries one level up.
+    // Test binaries live in target/<profile>/deps, bench binaries in
+    // target/<profile>; `basalt` is in target/<profile>.
     let exe = std::env::current_exe().expect("test binary has a path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary sits in target/<profile>/deps");
-    let bin = dir.join("basalt");
+    let here = exe.parent().expect("binary has a directory");
+    let bin = [here.join("basalt"), here.join("../basalt")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join("../basalt"));
     assert!(
         bin.exists(),
         "{} is missing: build it first (cargo build -p basalt-cli) or set BASALT_BIN",

@@ -1,0 +1,364 @@
+//! `BlockClient` and `Volume`: block I/O on volumes, routed to PG primaries.
+//!
+//! A volume offset lives in object `offset / object_size`; the object's PG
+//! comes from the map, the PG's primary from the placement, and the op goes
+//! to that OSD with the client's map epoch. A reply saying the epoch is stale
+//! or the OSD is not the primary makes the client fetch the map and resend;
+//! a lost connection, a timeout or a busy/degraded PG is retried with
+//! backoff until `retry_for` runs out. Writes are idempotent (the same bytes
+//! to the same place), so resending after an unknown outcome is safe.
+//! Requests may be issued concurrently: each object piece is its own request
+//! on a shared, pipelined connection.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use basalt_monitor::MonClient;
+use basalt_placement::{ClusterMap, ObjectId, Placer, VolumeId};
+use basalt_proto::monitor as pb;
+use basalt_wire::op::OP_ALLOCATE;
+use basalt_wire::{Frame, Kind, ObjectRef, OpHeader, Status};
+use bytes::{Bytes, BytesMut};
+use futures::future::try_join_all;
+
+use crate::connection::ConnectionPool;
+use crate::error::ClientError;
+
+const BLOCK: u64 = 4096;
+
+/// Settings of a block client.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Deadline of one request to one OSD. Default 10 s.
+    pub request_timeout: Duration,
+    /// How long one operation keeps retrying. Default 60 s.
+    pub retry_for: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(10),
+            retry_for: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A connection to a cluster: monitors for the map, OSDs for data.
+pub struct BlockClient {
+    mon: MonClient,
+    map: RwLock<Arc<ClusterMap>>,
+    pool: ConnectionPool,
+    config: ClientConfig,
+}
+
+/// An open volume.
+#[derive(Clone)]
+pub struct Volume {
+    client: Arc<BlockClient>,
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    pub object_size_bytes: u64,
+}
+
+enum Op<'a> {
+    Read,
+    Write(&'a [u8]),
+    Zeroes { allocate: bool },
+    Discard,
+}
+
+impl BlockClient {
+    /// Connects to the monitors at `mon` and fetches the map.
+    pub async fn connect(mon: MonClient, config: ClientConfig) -> Result<Arc<Self>, ClientError> {
+        let client = Arc::new(BlockClient {
+            mon,
+            map: RwLock::new(Arc::new(ClusterMap::new())),
+            pool: ConnectionPool::default(),
+            config,
+        });
+        client.refresh_map().await?;
+        Ok(client)
+    }
+
+    /// Returns the map the client routes with.
+    pub fn map(&self) -> Arc<ClusterMap> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Fetches the current map from the monitors (kept only if newer).
+    pub async fn refresh_map(&self) -> Result<Arc<ClusterMap>, ClientError> {
+        let reply = self
+            .mon
+            .call(|mut c| async move { c.get_map(pb::GetMapRequest { epoch: 0 }).await })
+            .await?;
+        let map: ClusterMap =
+            serde_json::from_slice(&reply.map_json).map_err(|e| ClientError::Map(e.to_string()))?;
+        let mut current = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if map.epoch >= current.epoch {
+            *current = Arc::new(map);
+        }
+        Ok(current.clone())
+    }
+
+    /// Opens volume `name` of `pool` ("" for the default pool).
+    pub async fn open(self: &Arc<Self>, pool: &str, name: &str) -> Result<Volume, ClientError> {
+        let map = self.refresh_map().await?;
+        let pool_name = if pool.is_empty() { "rbd" } else { pool };
+        let pool_id = map
+            .pool_by_name(pool_name)
+            .ok_or_else(|| ClientError::Map(format!("pool {pool_name:?} not found")))?;
+        let (id, volume) = map
+            .volumes
+            .iter()
+            .find(|(_, v)| v.pool == pool_id && v.name == name)
+            .ok_or_else(|| ClientError::VolumeNotFound(name.to_string()))?;
+        Ok(Volume {
+            client: self.clone(),
+            id: *id,
+            name: name.to_string(),
+            size_bytes: volume.size_bytes,
+            object_size_bytes: volume.object_size_bytes,
+        })
+    }
+
+    /// Sends one op on one object piece, following the map until it lands.
+    async fn object_op(
+        &self,
+        volume: VolumeId,
+        object_index: u64,
+        offset: u64,
+        length: u64,
+        op: &Op<'_>,
+    ) -> Result<Bytes, ClientError> {
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        let mut backoff = Duration::from_millis(20);
+        let (kind, data, flags): (Kind, &[u8], u32) = match op {
+            Op::Read => (Kind::Read, &[], 0),
+            Op::Write(data) => (Kind::Write, data, 0),
+            Op::Zeroes { allocate } => (
+                Kind::WriteZeroes,
+                &[],
+                if *allocate { OP_ALLOCATE } else { 0 },
+            ),
+            Op::Discard => (Kind::Discard, &[], 0),
+        };
+        loop {
+            attempts += 1;
+            let map = self.map();
+            let outcome = self
+                .try_object_op(
+                    &map,
+                    volume,
+                    object_index,
+                    offset,
+                    length,
+                    kind,
+                    data,
+                    flags,
+                )
+                .await;
+            let last = match outcome {
+                Ok(Ok(bytes)) => return Ok(bytes),
+                Ok(Err((status, message))) => {
+                    match status {
+                        Status::Invalid => return Err(ClientError::Invalid(message)),
+                        Status::NoSpace => return Err(ClientError::NoSpace),
+                        Status::StaleEpoch | Status::NotPrimary => {
+                            let _ = self.refresh_map().await;
+                        }
+                        _ => {}
+                    }
+                    format!("{status:?}: {message}")
+                }
+                Err(e) => {
+                    if let ClientError::Map(_) = e {
+                        let _ = self.refresh_map().await;
+                    }
+                    e.to_string()
+                }
+            };
+            if started.elapsed() > self.config.retry_for {
+                return Err(ClientError::GaveUp {
+                    attempts,
+                    seconds: started.elapsed().as_secs_f64(),
+                    last,
+                });
+            }
+            tracing::debug!(attempts, "retrying object op: {last}");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+            if attempts.is_multiple_of(4) {
+                let _ = self.refresh_map().await;
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn try_object_op(
+        &self,
+        map: &ClusterMap,
+        volume: VolumeId,
+        object_index: u64,
+        offset: u64,
+        length: u64,
+        kind: Kind,
+        data: &[u8],
+        flags: u32,
+    ) -> Result<Result<Bytes, (Status, String)>, ClientError> {
+        let pg = map
+            .pg_of_object(volume, object_index)
+            .map_err(|e| ClientError::Map(e.to_string()))?;
+        let acting = Placer::new(map)
+            .acting_set(pg)
+            .map_err(|e| ClientError::Map(e.to_string()))?;
+        let primary = acting
+            .primary()
+            .ok_or_else(|| ClientError::Map(format!("{pg} has no primary")))?;
+        let addr: SocketAddr = map
+            .osds
+            .get(&primary)
+            .and_then(|o| o.addr.as_deref())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| ClientError::Map(format!("{primary} has no address")))?;
+        let header = OpHeader {
+            object: ObjectRef {
+                pg,
+                object: ObjectId {
+                    volume,
+                    index: object_index,
+                },
+            },
+            offset,
+            length: length as u32,
+            version: 0,
+            flags,
+        };
+        let frame = Frame {
+            kind,
+            flags: 0,
+            request_id: 0,
+            epoch: map.epoch.0,
+            status: 0,
+            payload: header.encode_with(data),
+        };
+        let connection = self.pool.get(addr).await?;
+        let reply = match connection.call(frame, self.config.request_timeout).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.pool.forget(addr).await;
+                return Err(e);
+            }
+        };
+        match Status::from_u32(reply.status) {
+            Status::Ok => Ok(Ok(reply.payload)),
+            status => Ok(Err((
+                status,
+                String::from_utf8_lossy(&reply.payload).into_owned(),
+            ))),
+        }
+    }
+}
+
+impl Volume {
+    fn check(&self, offset: u64, length: u64) -> Result<(), ClientError> {
+        if !offset.is_multiple_of(BLOCK) || !length.is_multiple_of(BLOCK) {
+            return Err(ClientError::Invalid(format!(
+                "range {offset}+{length} is not 4 KiB-aligned"
+            )));
+        }
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > self.size_bytes)
+        {
+            return Err(ClientError::Invalid(format!(
+                "range {offset}+{length} is past the end of volume {} ({} bytes)",
+                self.name, self.size_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Splits `[offset, offset + length)` at object boundaries:
+    /// (object index, offset in object, length, offset in the request).
+    fn pieces(&self, offset: u64, length: u64) -> Vec<(u64, u64, u64, u64)> {
+        let mut pieces = Vec::new();
+        let mut position = offset;
+        while position < offset + length {
+            let index = position / self.object_size_bytes;
+            let within = position % self.object_size_bytes;
+            let take = (self.object_size_bytes - within).min(offset + length - position);
+            pieces.push((index, within, take, position - offset));
+            position += take;
+        }
+        pieces
+    }
+
+    /// Reads `length` bytes at `offset` (4 KiB-aligned). Holes read as zeros.
+    pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes, ClientError> {
+        self.check(offset, length)?;
+        let pieces = self.pieces(offset, length);
+        let reads = pieces.iter().map(|(index, within, take, _)| {
+            self.client
+                .object_op(self.id, *index, *within, *take, &Op::Read)
+        });
+        let parts = try_join_all(reads).await?;
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().unwrap_or_default());
+        }
+        let mut out = BytesMut::with_capacity(length as usize);
+        for part in parts {
+            out.extend_from_slice(&part);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Writes `data` at `offset` (both 4 KiB-aligned); returns once every
+    /// copy is durable.
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        self.check(offset, data.len() as u64)?;
+        let pieces = self.pieces(offset, data.len() as u64);
+        let writes = pieces.iter().map(|(index, within, take, at)| {
+            let slice = &data[*at as usize..(*at + *take) as usize];
+            async move {
+                self.client
+                    .object_op(self.id, *index, *within, *take, &Op::Write(slice))
+                    .await
+            }
+        });
+        try_join_all(writes).await?;
+        Ok(())
+    }
+
+    /// Makes a range read as zeros; `allocate` keeps it allocated.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        allocate: bool,
+    ) -> Result<(), ClientError> {
+        self.check(offset, length)?;
+        let op = Op::Zeroes { allocate };
+        let pieces = self.pieces(offset, length);
+        let ops = pieces.iter().map(|(index, within, take, _)| {
+            self.client.object_op(self.id, *index, *within, *take, &op)
+        });
+        try_join_all(ops).await?;
+        Ok(())
+    }
+
+    /// Frees a range (it reads as zeros afterwards).
+    pub async fn discard(&self, offset: u64, length: u64) -> Result<(), ClientError> {
+        self.check(offset, length)?;
+        let pieces = self.pieces(offset, length);
+        let ops = pieces.iter().map(|(index, within, take, _)| {
+            self.client
+                .object_op(self.id, *index, *within, *take, &Op::Discard)
+        });
+        try_join_all(ops).await?;
+        Ok(())
+    }
+}
