@@ -166,7 +166,7 @@ impl MonClient {
                     }
                     if !redirected {
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        backoff = (backoff * 2).min(Duration::from_millis(250));
                     }
                 }
                 _ => return Err(MonClientError::Status(status)),

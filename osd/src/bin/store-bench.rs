@@ -162,6 +162,14 @@ fn main() -> anyhow::Result<()> {
             .block_on(ObjectStore::open_dir(&store_dir, StoreConfig::default()))
             .context("open store")?,
     );
+    progress(&format!(
+        "flush policy: {}",
+        if store.data_flush_in_metadata_sync() {
+            "one flush per group (metadata sync covers the prezeroed data file)"
+        } else {
+            "data flush, then metadata sync"
+        }
+    ));
     progress("prefilling the store's working set");
     runtime.block_on(prefill_store(&store, working_set))?;
 

@@ -110,6 +110,8 @@ struct Inner<D> {
     refs_lock: tokio::sync::Mutex<()>,
     commits: mpsc::UnboundedSender<Commit>,
     failed: Arc<AtomicBool>,
+    /// Skip the device flush: the metadata sync's flush covers the data.
+    data_flush_in_metadata_sync: Arc<AtomicBool>,
     config: StoreConfig,
 }
 
@@ -168,6 +170,7 @@ impl ObjectStore<UringDevice> {
             format_version: STORE_FORMAT_VERSION,
             block_bytes: BLOCK_BYTES as u32,
             block_count: size / BLOCK_BYTES as u64,
+            prezeroed: prezero,
         })?;
         Ok(())
     }
@@ -183,7 +186,28 @@ impl ObjectStore<UringDevice> {
                 op: "open data device",
                 source,
             })?;
-        Self::open(device, &meta_path, config).await
+        let store = Self::open(device, &meta_path, config).await?;
+        // When the data file was written in full and the metadata lives on
+        // the same block device, the synced metadata commit's flush (the
+        // RocksDB WAL fsync flushes the device cache) also makes the group's
+        // data durable: its O_DIRECT writes completed before the commit was
+        // issued and changed no file-system metadata. One flush per group
+        // instead of two.
+        let same_device = {
+            use std::os::unix::fs::MetadataExt;
+            let data = std::fs::metadata(&data_path).map(|m| m.dev());
+            let meta = std::fs::metadata(&meta_path).map(|m| m.dev());
+            matches!((data, meta), (Ok(a), Ok(b)) if a == b)
+        };
+        let prezeroed = store.inner.meta.superblock()?.is_some_and(|s| s.prezeroed);
+        if same_device && prezeroed {
+            store
+                .inner
+                .data_flush_in_metadata_sync
+                .store(true, Ordering::Release);
+        }
+        tracing::debug!(same_device, prezeroed, "store flush policy chosen");
+        Ok(store)
     }
 }
 
@@ -211,6 +235,7 @@ impl<D: BlockDevice> ObjectStore<D> {
                     format_version: STORE_FORMAT_VERSION,
                     block_bytes: BLOCK_BYTES as u32,
                     block_count: device.block_count(),
+                    prezeroed: false,
                 };
                 meta.put_superblock(&superblock)?;
                 superblock
@@ -253,11 +278,13 @@ impl<D: BlockDevice> ObjectStore<D> {
         let device = Arc::new(device);
         let meta = Arc::new(meta);
         let failed = Arc::new(AtomicBool::new(false));
+        let skip_flush = Arc::new(AtomicBool::new(false));
         let (commits, rx) = mpsc::unbounded_channel();
         let committer = tokio::spawn(run_committer(
             device.clone(),
             meta.clone(),
             failed.clone(),
+            skip_flush.clone(),
             rx,
         ));
         Ok(ObjectStore {
@@ -269,6 +296,7 @@ impl<D: BlockDevice> ObjectStore<D> {
                 refs_lock: tokio::sync::Mutex::new(()),
                 commits,
                 failed,
+                data_flush_in_metadata_sync: skip_flush,
                 config,
             }),
             committer,
@@ -281,6 +309,15 @@ impl<D: BlockDevice> ObjectStore<D> {
         let ObjectStore { inner, committer } = self;
         drop(inner);
         let _ = committer.await;
+    }
+
+    /// Returns whether a group commit skips the separate data flush because
+    /// the metadata sync covers it (prezeroed data file on the metadata's
+    /// device).
+    pub fn data_flush_in_metadata_sync(&self) -> bool {
+        self.inner
+            .data_flush_in_metadata_sync
+            .load(Ordering::Acquire)
     }
 
     /// Returns the device.
@@ -866,6 +903,7 @@ async fn run_committer<D: BlockDevice>(
     device: Arc<D>,
     meta: Arc<MetaStore>,
     failed: Arc<AtomicBool>,
+    skip_flush: Arc<AtomicBool>,
     mut rx: mpsc::UnboundedReceiver<Commit>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -879,7 +917,8 @@ async fn run_committer<D: BlockDevice>(
         let result = if failed.load(Ordering::Acquire) {
             Err("store failed earlier".to_string())
         } else {
-            commit_group(&device, &meta, &mut group).await
+            let flush = !skip_flush.load(Ordering::Acquire);
+            commit_group(&device, &meta, &mut group, flush).await
         };
         if let Err(message) = &result {
             tracing::error!("store commit failed, refusing further writes: {message}");
@@ -895,8 +934,9 @@ async fn commit_group<D: BlockDevice>(
     device: &Arc<D>,
     meta: &Arc<MetaStore>,
     group: &mut [Commit],
+    flush: bool,
 ) -> Result<(), String> {
-    if group.iter().any(|c| c.needs_flush) {
+    if flush && group.iter().any(|c| c.needs_flush) {
         device
             .flush()
             .await
