@@ -30,6 +30,9 @@ pub struct MonArgs {
     /// Log entries between raft snapshots (log compaction).
     #[arg(long, default_value_t = 5_000)]
     snapshot_every: u64,
+    /// How often the leader runs the balancer, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    balance_interval_ms: u64,
 }
 
 pub fn run_monitor(args: MonArgs) -> anyhow::Result<()> {
@@ -38,6 +41,7 @@ pub fn run_monitor(args: MonArgs) -> anyhow::Result<()> {
     config.osd_down_after_ms = args.osd_down_after_ms;
     config.osd_out_after_ms = args.osd_out_after_ms;
     config.snapshot_every_entries = args.snapshot_every.max(10);
+    config.balance_interval_ms = args.balance_interval_ms;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

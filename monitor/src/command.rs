@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use basalt_placement::map::{DEFAULT_ZONE, next_id64, validate_pool, validate_volume_geometry};
 use basalt_placement::{
-    ClusterMap, Epoch, FailureDomain, OsdId, Pool, PoolId, Snapshot, SnapshotId, Upmap, Volume,
-    VolumeId, Weight, plan_transition,
+    Balancer, ClusterMap, Epoch, FailureDomain, OsdId, Pool, PoolId, Snapshot, SnapshotId, Upmap,
+    Volume, VolumeId, Weight, plan_transition,
 };
 use serde::{Deserialize, Serialize};
 
@@ -263,6 +263,11 @@ fn apply_to(map: &mut ClusterMap, command: &Command) -> CommandResult {
             };
             validate_pool(&pool).map_err(|e| invalid(e.to_string()))?;
             let id = map.add_pool(pool).map_err(|e| invalid(e.to_string()))?;
+            // A new pool is born balanced: no data has to move for it.
+            // (Deterministic, so every monitor computes the same exceptions.)
+            if let Err(e) = Balancer::default().balance(map, id) {
+                tracing::debug!("new pool not balanced: {e}");
+            }
             Ok(Reply::Pool { pool: id, epoch })
         }
         Command::DeletePool { name } => {

@@ -72,6 +72,8 @@ pub struct MonitorConfig {
     pub election_timeout_max_ms: u64,
     /// Log entries between snapshots. Default 5,000.
     pub snapshot_every_entries: u64,
+    /// How often the leader runs the balancer. Default 10,000 ms.
+    pub balance_interval_ms: u64,
 }
 
 impl MonitorConfig {
@@ -93,6 +95,7 @@ impl MonitorConfig {
             election_timeout_min_ms: 600,
             election_timeout_max_ms: 1_200,
             snapshot_every_entries: 5_000,
+            balance_interval_ms: 10_000,
         }
     }
 
@@ -212,7 +215,7 @@ pub async fn run(config: MonitorConfig, shutdown: CancellationToken) -> Result<(
     .await
     .map_err(|e| MonitorError::Raft(e.to_string()))?;
 
-    let node = Arc::new(MonitorNode::new(
+    let mut node = MonitorNode::new(
         id,
         raft.clone(),
         shared,
@@ -221,7 +224,9 @@ pub async fn run(config: MonitorConfig, shutdown: CancellationToken) -> Result<(
             down_after_ms: config.osd_down_after_ms,
             out_after_ms: config.osd_out_after_ms,
         },
-    ));
+    );
+    node.balance_interval_ms = config.balance_interval_ms.max(100);
+    let node = Arc::new(node);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use basalt_placement::{ClusterMap, FailureDomain, OsdId, Placer, Weight};
+use basalt_placement::{Balancer, ClusterMap, FailureDomain, OsdId, Placer, Weight};
 use basalt_proto::monitor as pb;
 use basalt_proto::monitor::monitor_server::Monitor;
 use openraft::error::{ClientWriteError, RaftError};
@@ -36,6 +36,10 @@ pub struct MonitorNode {
     pub write_timeout: Duration,
     started: Instant,
     detector: Mutex<Option<FailureDetector>>,
+    /// When the balancer last ran, in `now_ms` time.
+    balanced_at_ms: Mutex<Option<u64>>,
+    /// How often the leader runs the balancer. Default 10 s.
+    pub balance_interval_ms: u64,
 }
 
 impl From<CommandError> for Status {
@@ -66,6 +70,8 @@ impl MonitorNode {
             write_timeout: Duration::from_secs(5),
             started: Instant::now(),
             detector: Mutex::new(None),
+            balanced_at_ms: Mutex::new(None),
+            balance_interval_ms: 10_000,
         }
     }
 
@@ -117,8 +123,9 @@ impl MonitorNode {
         }
     }
 
-    /// Runs the leader's duties once: failure verdicts. Called periodically
-    /// by the daemon; does nothing on followers.
+    /// Runs the leader's duties once: failure verdicts, and every
+    /// `balance_interval_ms` the balancer. Called periodically by the
+    /// daemon; does nothing on followers.
     pub async fn leader_tick(&self) {
         if !self.is_leader() {
             *self.detector.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -134,6 +141,73 @@ impl MonitorNode {
             tracing::info!(?command, "failure detector verdict");
             if let Err(e) = self.propose(command).await {
                 tracing::warn!("failed to commit failure verdict: {}", e.message());
+            }
+        }
+        let due = {
+            let now = self.now_ms();
+            let mut last = self
+                .balanced_at_ms
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let due = last.is_none_or(|at| now.saturating_sub(at) >= self.balance_interval_ms);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            self.balance().await;
+        }
+    }
+
+    /// Runs the balancer on every pool of the current map and commits the
+    /// exceptions of each pool it improved. Refused as stale (and retried on
+    /// the next round) when the map moved on meanwhile.
+    ///
+    /// Only pools that hold no volume are rebalanced for now: moving a PG
+    /// member needs backfill to bring the data along, which comes with the
+    /// failure-handling issue (tracker issue 7). Until then a pool is
+    /// balanced when it is created and kept where its data is afterwards.
+    async fn balance(&self) {
+        let map = self.shared.map();
+        let proposals = tokio::task::spawn_blocking(move || {
+            let mut proposals = Vec::new();
+            let in_use: std::collections::HashSet<_> =
+                map.volumes.values().map(|v| v.pool).collect();
+            for pool in map.pools.keys().filter(|p| !in_use.contains(p)) {
+                let mut copy = (*map).clone();
+                match Balancer::default().balance(&mut copy, *pool) {
+                    Ok(report) if report.moves > 0 => {
+                        if let Some(balanced) = copy.pools.get(pool)
+                            && Some(&balanced.upmap) != map.pools.get(pool).map(|p| &p.upmap)
+                        {
+                            proposals.push((
+                                report,
+                                Command::SetUpmap {
+                                    pool: *pool,
+                                    upmap: balanced.upmap.clone(),
+                                    base_epoch: map.epoch,
+                                },
+                            ));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("balancer failed on {pool}: {e}"),
+                }
+            }
+            proposals
+        })
+        .await
+        .unwrap_or_default();
+        for (report, command) in proposals {
+            tracing::info!(
+                moves = report.moves,
+                before = report.max_over_target_before,
+                after = report.max_over_target_after,
+                "balancer proposes exceptions"
+            );
+            if let Err(e) = self.propose(command).await {
+                tracing::info!("balancer result not committed: {}", e.message());
             }
         }
     }

@@ -381,3 +381,112 @@ async fn no_quorum_is_unavailable_not_a_hang() {
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+/// A new pool is born balanced, and when OSDs join later the leader's
+/// periodic balancer evens PGs out again: every OSD ends within one PG of
+/// its share, and every PG still has its members on distinct hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_balances_pgs() {
+    let monitors = Monitors::start(3, &["--balance-interval-ms", "300"]).unwrap();
+    let mon = std::sync::Arc::new(MonClient::new(&monitors.mon_list()).unwrap());
+    leader_index(&monitors).await;
+    let osds = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let boot = |host: u32| {
+        let (mon, osds) = (mon.clone(), osds.clone());
+        async move {
+            let reply = mon
+                .call(|mut c| async move {
+                    c.osd_boot(pb::OsdBootRequest {
+                        osd_id: 0,
+                        new_osd: true,
+                        host: format!("node{host}"),
+                        zone: String::new(),
+                        addr: format!("127.0.2.{}:7000", host + 1),
+                        weight: 1.0,
+                        capacity_bytes: 1 << 30,
+                    })
+                    .await
+                })
+                .await
+                .unwrap();
+            osds.lock().unwrap().push(reply.osd_id);
+        }
+    };
+    // Keep the OSDs alive while the balancer works.
+    let (beating, beating_osds) = (mon.clone(), osds.clone());
+    let beats = tokio::spawn(async move {
+        loop {
+            let ids: Vec<u32> = beating_osds.lock().unwrap().clone();
+            for osd in ids {
+                let _ = beating
+                    .call(|mut c| async move {
+                        c.heartbeat(pb::HeartbeatRequest {
+                            osd_id: osd,
+                            epoch: 0,
+                        })
+                        .await
+                    })
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    for host in 0..3 {
+        boot(host).await;
+    }
+    mon.call(|mut c| async move {
+        c.create_pool(pb::CreatePoolRequest {
+            name: "rbd".into(),
+            size: 3,
+            min_size: 2,
+            pg_count: 256,
+            failure_domain: "host".into(),
+        })
+        .await
+    })
+    .await
+    .unwrap();
+    for host in 3..6 {
+        boot(host).await;
+    }
+    let spread = |map: &ClusterMap| {
+        let placer = basalt_placement::Placer::new(map);
+        let mut counts = std::collections::HashMap::new();
+        for seed in 0..256 {
+            let set = placer
+                .acting_set(basalt_placement::PgId::new(
+                    basalt_placement::PoolId(0),
+                    seed,
+                ))
+                .unwrap();
+            assert!(placer.is_valid_set(&set.members, basalt_placement::FailureDomain::Host));
+            for member in set.members {
+                *counts.entry(member).or_insert(0usize) += 1;
+            }
+        }
+        (
+            counts.values().copied().max().unwrap_or(0),
+            counts.values().copied().min().unwrap_or(0),
+            counts.len(),
+        )
+    };
+    // 256 PGs x 3 copies over 6 OSDs: 128 each when perfectly even.
+    let (max, min, used) = wait_for(
+        "the balancer to even PGs out",
+        Duration::from_secs(20),
+        || async {
+            let (max, min, used) = spread(&get_map(&mon).await);
+            (used == 6 && max <= 129).then_some((max, min, used))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(min >= 120, "max {max} min {min} over {used} OSDs");
+    let mut raw = get_map(&mon).await;
+    for pool in raw.pools.values_mut() {
+        pool.upmap.clear();
+    }
+    assert!(spread(&raw).0 > max, "the raw placement was already even");
+    beats.abort();
+    monitors.assert_clean_logs(ALLOWED_ERRORS);
+}
