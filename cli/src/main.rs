@@ -5,6 +5,7 @@
 //! up logging and hands over to the library crates.
 
 mod admin;
+mod cluster_admin;
 mod dev;
 mod logging;
 mod mon;
@@ -47,9 +48,21 @@ enum Command {
     Volume(admin::VolumeCommand),
     /// Run an OSD (storage daemon), or an OSD tool (format, fsck).
     Osd(osd::OsdArgs),
+    /// Placement groups.
+    #[command(subcommand)]
+    Pg(PgCommand),
     /// A whole cluster on this machine, for trying, testing, benchmarking.
     #[command(subcommand)]
     Dev(DevCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PgCommand {
+    /// List placement groups: acting set, primary, state, objects.
+    Ls {
+        #[arg(long, default_value = "")]
+        pool: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -66,6 +79,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Mon(args) => mon::run_monitor(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Osd(args) => osd::run(args, &cli.mon, cli.json),
+        Command::Pg(PgCommand::Ls { pool }) => cluster_admin::pg_ls(&cli.mon, &pool, cli.json)
+            .map(|()| std::process::ExitCode::SUCCESS),
         Command::Dev(DevCommand::Up(args)) => {
             dev::up(args).map(|()| std::process::ExitCode::SUCCESS)
         }

@@ -42,6 +42,8 @@ pub struct OsdArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum OsdCommand {
+    /// List OSDs: host, address, up/in, weight, PGs held and led.
+    Ls,
     /// Check a stopped OSD's store: allocator against metadata, every
     /// block's checksum. Exits non-zero when it finds a problem.
     Fsck {
@@ -70,6 +72,10 @@ pub fn run(args: OsdArgs, mon: &str, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     match command {
+        OsdCommand::Ls => {
+            crate::cluster_admin::osd_ls(mon, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         OsdCommand::Fsck { data } => fsck(data, json),
         OsdCommand::Format {
             data,

@@ -263,6 +263,57 @@ impl BlockClient {
     }
 }
 
+impl BlockClient {
+    /// Returns how many objects `pg`'s primary holds for it.
+    pub async fn pg_object_count(&self, pg: basalt_placement::PgId) -> Result<u64, ClientError> {
+        let map = self.map();
+        let acting = Placer::new(&map)
+            .acting_set(pg)
+            .map_err(|e| ClientError::Map(e.to_string()))?;
+        let primary = acting
+            .primary()
+            .ok_or_else(|| ClientError::Map(format!("{pg} has no primary")))?;
+        let addr: SocketAddr = map
+            .osds
+            .get(&primary)
+            .and_then(|o| o.addr.as_deref())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| ClientError::Map(format!("{primary} has no address")))?;
+        let header = OpHeader {
+            object: ObjectRef {
+                pg,
+                object: ObjectId {
+                    volume: VolumeId(0),
+                    index: 0,
+                },
+            },
+            offset: 0,
+            length: 0,
+            version: 0,
+            flags: 0,
+        };
+        let frame = Frame {
+            kind: Kind::PgStat,
+            flags: 0,
+            request_id: 0,
+            epoch: map.epoch.0,
+            status: 0,
+            payload: header.encode_with(&[]),
+        };
+        let connection = self.pool.get(addr).await?;
+        let reply = connection.call(frame, self.config.request_timeout).await?;
+        if reply.status != Status::Ok as u32 || reply.payload.len() < 8 {
+            return Err(ClientError::Map(format!(
+                "{primary} could not count {pg}: {:?}",
+                Status::from_u32(reply.status)
+            )));
+        }
+        let mut count = [0u8; 8];
+        count.copy_from_slice(&reply.payload[..8]);
+        Ok(u64::from_le_bytes(count))
+    }
+}
+
 impl Volume {
     fn check(&self, offset: u64, length: u64) -> Result<(), ClientError> {
         if !offset.is_multiple_of(BLOCK) || !length.is_multiple_of(BLOCK) {

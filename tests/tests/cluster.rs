@@ -168,6 +168,24 @@ async fn replicated_volume_round_trip_and_restart() {
         assert_eq!(placer.host_of(primary), Some(node2), "{pg}");
     }
 
+    // `pg ls` and `osd ls` see a clean cluster holding the data volume's
+    // 16 objects (the homed volume's PGs are not the pool's base PGs).
+    let mon_list = mons.join(",");
+    let out = basalt(&["--mon", &mon_list, "pg", "ls", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pgs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(pgs.iter().all(|pg| pg["state"] == "active+clean"));
+    let objects: u64 = pgs.iter().map(|pg| pg["objects"].as_u64().unwrap()).sum();
+    assert_eq!(objects, data_len / (4 * MIB));
+    let out = basalt(&["--mon", &mon_list, "osd", "ls", "--json"]);
+    let osds: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(osds.len(), 3);
+    assert!(osds.iter().all(|o| o["up"] == true && o["in"] == true));
+
     // Stop everything: no process may be left.
     let before = pids(dir.path());
     dev_down(dir.path());

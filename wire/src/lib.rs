@@ -58,6 +58,9 @@ pub enum Kind {
     RepDiscard = 8,
     /// Which 4 KiB blocks of an object are allocated.
     BlockStatus = 9,
+    /// How many objects this OSD holds for a PG (the op header's PG; the
+    /// object fields are ignored). Reply payload: count, u64.
+    PgStat = 10,
 }
 
 impl Kind {
@@ -72,6 +75,7 @@ impl Kind {
             7 => Kind::RepWriteZeroes,
             8 => Kind::RepDiscard,
             9 => Kind::BlockStatus,
+            10 => Kind::PgStat,
             _ => return None,
         })
     }

@@ -196,6 +196,14 @@ impl OsdService {
                     reply(&frame, store_status(&e), epoch, message(e.to_string()))
                 }
             },
+            Kind::PgStat => match self.store.list_pg(key.pg) {
+                Ok(objects) => {
+                    let mut out = BytesMut::with_capacity(8);
+                    out.put_u64_le(objects.len() as u64);
+                    reply(&frame, Status::Ok, epoch, out.freeze())
+                }
+                Err(e) => reply(&frame, store_status(&e), epoch, message(e.to_string())),
+            },
             Kind::BlockStatus => match self.store.allocated_blocks(&key).await {
                 Ok(blocks) => {
                     let mut out = BytesMut::with_capacity(blocks.len() * 4);

@@ -1,0 +1,164 @@
+//! `basalt osd ls` and `basalt pg ls`: what the map says about OSDs and
+//! placement groups, with object counts asked of each PG's primary.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use basalt_client::{BlockClient, ClientConfig};
+use basalt_monitor::MonClient;
+use basalt_placement::{ClusterMap, OsdId, PgId, Placer};
+use serde_json::json;
+
+use crate::table;
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start runtime")
+}
+
+async fn fetch(mon: &str) -> anyhow::Result<std::sync::Arc<BlockClient>> {
+    let config = ClientConfig {
+        retry_for: std::time::Duration::from_secs(5),
+        ..ClientConfig::default()
+    };
+    Ok(BlockClient::connect(MonClient::from_list(mon)?, config).await?)
+}
+
+/// Returns (state, members) of a PG from the map alone.
+fn pg_state(map: &ClusterMap, placer: &Placer<'_>, pg: PgId) -> (String, Vec<OsdId>) {
+    let Some(pool) = map.pools.get(&pg.pool) else {
+        return ("unknown".into(), Vec::new());
+    };
+    match placer.acting_set(pg) {
+        Ok(set) => {
+            let count = set.members.len() as u32;
+            let state = if count >= pool.size {
+                "active+clean"
+            } else if count >= pool.min_size {
+                "active+undersized+degraded"
+            } else {
+                "inactive+undersized"
+            };
+            (state.into(), set.members)
+        }
+        Err(_) => ("inactive".into(), Vec::new()),
+    }
+}
+
+pub fn osd_ls(mon: &str, as_json: bool) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let client = rt.block_on(fetch(mon))?;
+    let map = client.map();
+    let placer = Placer::new(&map);
+    let mut pgs: HashMap<OsdId, (usize, usize)> = HashMap::new();
+    for (pool_id, pool) in &map.pools {
+        for seed in 0..pool.pg_count {
+            let (_, members) = pg_state(&map, &placer, PgId::new(*pool_id, seed));
+            for (i, osd) in members.iter().enumerate() {
+                let entry = pgs.entry(*osd).or_default();
+                entry.0 += 1;
+                if i == 0 {
+                    entry.1 += 1;
+                }
+            }
+        }
+    }
+    let host = |osd: &basalt_placement::Osd| {
+        map.hosts
+            .get(&osd.host)
+            .map(|h| h.name.clone())
+            .unwrap_or_default()
+    };
+    if as_json {
+        let osds: Vec<_> = map
+            .osds
+            .iter()
+            .map(|(id, osd)| {
+                let (count, primary) = pgs.get(id).copied().unwrap_or_default();
+                json!({"id": id.0, "host": host(osd), "addr": osd.addr, "up": osd.up, "in": osd.in_,
+                       "weight": osd.weight.as_f64(), "pgs": count, "primary_pgs": primary})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&osds)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = map
+        .osds
+        .iter()
+        .map(|(id, osd)| {
+            let (count, primary) = pgs.get(id).copied().unwrap_or_default();
+            vec![
+                id.to_string(),
+                host(osd),
+                osd.addr.clone().unwrap_or_else(|| "-".into()),
+                if osd.up { "up" } else { "down" }.into(),
+                if osd.in_ { "in" } else { "out" }.into(),
+                osd.weight.to_string(),
+                count.to_string(),
+                primary.to_string(),
+            ]
+        })
+        .collect();
+    table::print(
+        &[
+            "OSD", "HOST", "ADDR", "UP", "IN", "WEIGHT", "PGS", "PRIMARY",
+        ],
+        &rows,
+    );
+    println!("epoch {}", map.epoch.0);
+    Ok(())
+}
+
+pub fn pg_ls(mon: &str, pool: &str, as_json: bool) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = fetch(mon).await?;
+        let map = client.map();
+        let placer = Placer::new(&map);
+        let pools: Vec<_> = map
+            .pools
+            .iter()
+            .filter(|(_, p)| pool.is_empty() || p.name == pool)
+            .map(|(id, p)| (*id, p.pg_count))
+            .collect();
+        if pools.is_empty() && !pool.is_empty() {
+            anyhow::bail!("pool {pool:?} not found");
+        }
+        let mut rows = Vec::new();
+        let mut entries = Vec::new();
+        for (pool_id, pg_count) in pools {
+            for seed in 0..pg_count {
+                let pg = PgId::new(pool_id, seed);
+                let (state, members) = pg_state(&map, &placer, pg);
+                let objects = match client.pg_object_count(pg).await {
+                    Ok(count) => Some(count),
+                    Err(e) => {
+                        tracing::debug!("object count of {pg}: {e}");
+                        None
+                    }
+                };
+                let acting: Vec<String> = members.iter().map(|m| m.0.to_string()).collect();
+                entries.push(json!({
+                    "pg": pg.to_string(), "acting": members.iter().map(|m| m.0).collect::<Vec<_>>(),
+                    "primary": members.first().map(|m| m.0), "state": state, "objects": objects,
+                }));
+                rows.push(vec![
+                    pg.to_string(),
+                    format!("[{}]", acting.join(",")),
+                    members.first().map_or("-".into(), |m| m.0.to_string()),
+                    state,
+                    objects.map_or("?".into(), |c| c.to_string()),
+                ]);
+            }
+        }
+        if as_json {
+            println!("{}", serde_json::to_string_pretty(&entries)?);
+        } else {
+            table::print(&["PG", "ACTING", "PRIMARY", "STATE", "OBJECTS"], &rows);
+        }
+        Ok(())
+    })
+}
