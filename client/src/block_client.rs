@@ -80,6 +80,18 @@ impl BlockClient {
             config,
         });
         client.refresh_map().await?;
+        // Follow the map in the background too, so routing rarely needs a
+        // stale-epoch round trip to learn of a change.
+        let weak = Arc::downgrade(&client);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(client) = weak.upgrade() else { return };
+                if let Err(e) = client.refresh_map().await {
+                    tracing::debug!("map refresh failed: {e}");
+                }
+            }
+        });
         Ok(client)
     }
 

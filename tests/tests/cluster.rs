@@ -41,7 +41,7 @@ fn dev_up(dir: &Path, mon_port: u16, osd_port: u16) {
         "--nodes",
         "3",
         "--osd-size",
-        "512M",
+        "1G",
         "--mon-port",
         &mon_port.to_string(),
         "--osd-port",
@@ -124,7 +124,7 @@ async fn replicated_volume_round_trip_and_restart() {
     let _guard = Cluster(dir.path());
     let mons: Vec<String> = (1..=3).map(|i| format!("127.0.1.{i}:{mon_port}")).collect();
     let mon = MonClient::new(&mons).unwrap();
-    let data_len = 64 * MIB;
+    let data_len = 256 * MIB;
     create_volume(&mon, "data", data_len, "").await;
     create_volume(&mon, "homed", 64 * MIB, "node2").await;
 
@@ -169,7 +169,7 @@ async fn replicated_volume_round_trip_and_restart() {
     }
 
     // `pg ls` and `osd ls` see a clean cluster holding the data volume's
-    // 16 objects (the homed volume's PGs are not the pool's base PGs).
+    // 64 objects (the homed volume's PGs are not the pool's base PGs).
     let mon_list = mons.join(",");
     let out = basalt(&["--mon", &mon_list, "pg", "ls", "--json"]);
     assert!(

@@ -1,0 +1,328 @@
+//! client-bench: block I/O through `basalt-client` on a running cluster,
+//! size-3 and size-1 pools, with fio on a raw file as the baseline in the
+//! same run.
+//!
+//! `basalt dev up --dir DIR && cargo run --release -p basalt-client --bin client-bench -- --cluster DIR [--json]`
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use basalt_client::{BlockClient, ClientConfig, Volume};
+use basalt_monitor::MonClient;
+use basalt_proto::monitor as pb;
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark the block client against a running cluster")]
+struct Args {
+    /// A dev cluster directory (reads its cluster.json).
+    #[arg(long)]
+    cluster: PathBuf,
+    /// Volume size, bytes (working set).
+    #[arg(long, default_value_t = 1 << 30)]
+    size: u64,
+    /// Seconds per workload.
+    #[arg(long, default_value_t = 6)]
+    runtime: u64,
+    /// Scratch file for the raw fio baseline.
+    #[arg(long, default_value = "/var/tmp/client-bench-raw.img")]
+    raw_file: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    write: bool,
+    random: bool,
+    block_bytes: u64,
+    depth: usize,
+    fdatasync: bool,
+}
+
+const WORKLOADS: [Workload; 5] = [
+    Workload {
+        name: "randwrite 4k qd1",
+        write: true,
+        random: true,
+        block_bytes: 4096,
+        depth: 1,
+        fdatasync: true,
+    },
+    Workload {
+        name: "randwrite 4k qd32",
+        write: true,
+        random: true,
+        block_bytes: 4096,
+        depth: 32,
+        fdatasync: false,
+    },
+    Workload {
+        name: "randread 4k qd1",
+        write: false,
+        random: true,
+        block_bytes: 4096,
+        depth: 1,
+        fdatasync: false,
+    },
+    Workload {
+        name: "randread 4k qd32",
+        write: false,
+        random: true,
+        block_bytes: 4096,
+        depth: 32,
+        fdatasync: false,
+    },
+    Workload {
+        name: "seqwrite 1m qd8",
+        write: true,
+        random: false,
+        block_bytes: 1 << 20,
+        depth: 8,
+        fdatasync: false,
+    },
+];
+
+#[derive(Serialize, Clone, Copy, Default)]
+struct Figures {
+    iops: f64,
+    mib_per_sec: f64,
+    latency_us_mean: f64,
+    latency_us_p99: f64,
+}
+
+#[derive(Serialize)]
+struct Row {
+    workload: &'static str,
+    raw: Figures,
+    size3: Figures,
+    size1: Figures,
+}
+
+fn progress(step: &str) {
+    eprintln!("client-bench: {step}...");
+}
+
+fn fio(file: &Path, size: u64, workload: &Workload, runtime: u64) -> anyhow::Result<Figures> {
+    let rw = match (workload.write, workload.random) {
+        (true, true) => "randwrite",
+        (true, false) => "write",
+        (false, true) => "randread",
+        (false, false) => "read",
+    };
+    let mut command = Command::new("fio");
+    command.args([
+        "--name=raw",
+        &format!("--filename={}", file.display()),
+        &format!("--size={size}"),
+        "--ioengine=io_uring",
+        "--direct=1",
+        &format!("--rw={rw}"),
+        &format!("--bs={}", workload.block_bytes),
+        &format!("--iodepth={}", workload.depth),
+        &format!("--runtime={runtime}"),
+        "--time_based",
+        "--ramp_time=1",
+        "--norandommap",
+        "--output-format=json",
+    ]);
+    if workload.fdatasync {
+        command.arg("--fdatasync=1");
+    }
+    let output = command.output().context("run fio (apt-get install fio)")?;
+    if !output.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let json: serde_json::Value =
+        serde_json::from_str(&text[text.find('{').context("no fio JSON")?..])?;
+    let job = &json["jobs"][0][if workload.write { "write" } else { "read" }];
+    let iops = job["iops"].as_f64().unwrap_or(0.0);
+    Ok(Figures {
+        iops,
+        mib_per_sec: job["bw_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+        latency_us_mean: if workload.fdatasync {
+            1e6 / iops.max(1e-9)
+        } else {
+            job["lat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0
+        },
+        latency_us_p99: job["clat_ns"]["percentile"]["99.000000"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1000.0,
+    })
+}
+
+async fn run(volume: &Volume, workload: Workload, runtime: Duration) -> anyhow::Result<Figures> {
+    let blocks = volume.size_bytes / workload.block_bytes;
+    let started = Instant::now();
+    let ramp = Duration::from_secs(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..workload.depth as u64 {
+        let volume = volume.clone();
+        tasks.spawn(async move {
+            let mut rng = ChaCha8Rng::seed_from_u64(worker);
+            let data = vec![0x3cu8; workload.block_bytes as usize];
+            let mut next = worker * blocks / workload.depth as u64;
+            let mut latencies: Vec<u32> = Vec::new();
+            while started.elapsed() < ramp + runtime {
+                let block = if workload.random {
+                    rng.random_range(0..blocks)
+                } else {
+                    next = (next + 1) % blocks;
+                    next
+                };
+                let now = Instant::now();
+                if workload.write {
+                    volume.write(block * workload.block_bytes, &data).await?;
+                } else {
+                    volume
+                        .read(block * workload.block_bytes, workload.block_bytes)
+                        .await?;
+                }
+                if now.duration_since(started) >= ramp {
+                    latencies.push(now.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+            }
+            anyhow::Ok(latencies)
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        latencies.extend(result??);
+    }
+    latencies.sort_unstable();
+    let count = latencies.len().max(1) as f64;
+    Ok(Figures {
+        iops: latencies.len() as f64 / runtime.as_secs_f64(),
+        mib_per_sec: latencies.len() as f64 * workload.block_bytes as f64
+            / runtime.as_secs_f64()
+            / (1 << 20) as f64,
+        latency_us_mean: latencies.iter().map(|l| *l as f64).sum::<f64>() / count,
+        latency_us_p99: latencies
+            .get(((count * 0.99) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64,
+    })
+}
+
+async fn volume_in(
+    mon: &MonClient,
+    client: &Arc<BlockClient>,
+    pool: &str,
+    size: u32,
+    name: &str,
+    bytes: u64,
+) -> anyhow::Result<Volume> {
+    let pool_name = pool.to_string();
+    let created = mon
+        .call(|mut c| {
+            let name = pool_name.clone();
+            async move {
+                c.create_pool(pb::CreatePoolRequest {
+                    name,
+                    size,
+                    min_size: size.min(2),
+                    pg_count: 128,
+                    failure_domain: "host".into(),
+                })
+                .await
+            }
+        })
+        .await;
+    if let Err(e) = created
+        && e.code() != tonic::Code::AlreadyExists
+    {
+        return Err(e.into());
+    }
+    let request = pb::CreateVolumeRequest {
+        name: name.into(),
+        pool: pool.into(),
+        size_bytes: bytes,
+        object_size_bytes: 0,
+        home: String::new(),
+    };
+    let created = mon
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.create_volume(request).await }
+        })
+        .await;
+    if let Err(e) = created
+        && e.code() != tonic::Code::AlreadyExists
+    {
+        return Err(e.into());
+    }
+    let volume = client.open(pool, name).await?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut offset = 0;
+    while offset < bytes {
+        volume.write(offset, &chunk).await?;
+        offset += 1 << 20;
+    }
+    Ok(volume)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(args.cluster.join("cluster.json")).context("read cluster.json")?,
+    )?;
+    let monitors: Vec<String> = serde_json::from_value(record["monitors"].clone())?;
+    let mon = MonClient::new(&monitors)?;
+    let client = BlockClient::connect(MonClient::new(&monitors)?, ClientConfig::default()).await?;
+    progress("creating and prefilling a size-3 and a size-1 volume");
+    let size3 = volume_in(&mon, &client, "rbd", 3, "bench-size3", args.size).await?;
+    let size1 = volume_in(&mon, &client, "bench1", 1, "bench-size1", args.size).await?;
+    progress("prefilling the raw baseline file");
+    let prefill = Workload {
+        name: "prefill",
+        write: true,
+        random: false,
+        block_bytes: 1 << 20,
+        depth: 8,
+        fdatasync: false,
+    };
+    fio(&args.raw_file, args.size, &prefill, 2)?;
+    let runtime = Duration::from_secs(args.runtime);
+    let mut rows = Vec::new();
+    for workload in WORKLOADS {
+        progress(workload.name);
+        rows.push(Row {
+            workload: workload.name,
+            raw: fio(&args.raw_file, args.size, &workload, args.runtime)?,
+            size3: run(&size3, workload, runtime).await?,
+            size1: run(&size1, workload, runtime).await?,
+        });
+    }
+    let _ = std::fs::remove_file(&args.raw_file);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<19} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
+            "workload", "raw IOPS", "size3", "size1", "raw lat", "s3 lat", "s1 lat"
+        );
+        for row in &rows {
+            println!(
+                "{:<19} {:>10.0} {:>10.0} {:>10.0} {:>7.0}us {:>7.0}us {:>7.0}us",
+                row.workload,
+                row.raw.iops,
+                row.size3.iops,
+                row.size1.iops,
+                row.raw.latency_us_mean,
+                row.size3.latency_us_mean,
+                row.size1.latency_us_mean
+            );
+        }
+    }
+    Ok(())
+}
