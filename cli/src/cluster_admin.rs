@@ -3,21 +3,12 @@
 
 use std::collections::HashMap;
 
-use anyhow::Context;
 use basalt_client::{BlockClient, ClientConfig};
 use basalt_monitor::MonClient;
 use basalt_placement::{ClusterMap, OsdId, PgId, Placer};
 use serde_json::json;
 
 use crate::table;
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start runtime")
-}
 
 async fn fetch(mon: &str) -> anyhow::Result<std::sync::Arc<BlockClient>> {
     let config = ClientConfig {
@@ -49,7 +40,7 @@ fn pg_state(map: &ClusterMap, placer: &Placer<'_>, pg: PgId) -> (String, Vec<Osd
 }
 
 pub fn osd_ls(mon: &str, as_json: bool) -> anyhow::Result<()> {
-    let rt = runtime()?;
+    let rt = crate::daemon::runtime()?;
     let client = rt.block_on(fetch(mon))?;
     let map = client.map();
     let placer = Placer::new(&map);
@@ -113,7 +104,7 @@ pub fn osd_ls(mon: &str, as_json: bool) -> anyhow::Result<()> {
 }
 
 pub fn pg_ls(mon: &str, pool: &str, as_json: bool) -> anyhow::Result<()> {
-    let rt = runtime()?;
+    let rt = crate::daemon::runtime()?;
     rt.block_on(async {
         let client = fetch(mon).await?;
         let map = client.map();

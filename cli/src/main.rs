@@ -6,6 +6,7 @@
 
 mod admin;
 mod cluster_admin;
+mod daemon;
 mod dev;
 mod logging;
 mod mon;

@@ -2,10 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use basalt_monitor::{MonitorConfig, run};
 use clap::Args;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Debug)]
 pub struct MonArgs {
@@ -42,38 +40,5 @@ pub fn run_monitor(args: MonArgs) -> anyhow::Result<()> {
     config.osd_out_after_ms = args.osd_out_after_ms;
     config.snapshot_every_entries = args.snapshot_every.max(10);
     config.balance_interval_ms = args.balance_interval_ms;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start runtime")?;
-    runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("monitor stopping");
-            signal.cancel();
-        });
-        run(config, shutdown).await.context("monitor failed")
-    })
-}
-
-/// Waits for SIGTERM or SIGINT.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    crate::daemon::run_until_signal("monitor", |shutdown| run(config, shutdown))
 }

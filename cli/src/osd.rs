@@ -8,7 +8,6 @@ use anyhow::{Context, bail};
 use basalt_osd::daemon::OsdConfig;
 use basalt_osd::store::{ObjectStore, StoreConfig};
 use clap::{Args, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 /// `basalt osd`: runs the daemon, or a tool with a subcommand.
 #[derive(Args, Debug)]
@@ -115,32 +114,11 @@ fn run_daemon(args: OsdArgs, mon: &str) -> anyhow::Result<()> {
         weight: args.weight,
         heartbeat_interval_ms: 1_000,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start runtime")?;
-    runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            crate::mon::wait_for_signal().await;
-            tracing::info!("OSD stopping");
-            signal.cancel();
-        });
-        basalt_osd::daemon::run(config, shutdown)
-            .await
-            .context("OSD failed")
-    })
+    crate::daemon::run_until_signal("OSD", |shutdown| basalt_osd::daemon::run(config, shutdown))
 }
 
 fn fsck(data: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start runtime")?;
-    let report = runtime.block_on(async {
+    let report = crate::daemon::runtime()?.block_on(async {
         let store = ObjectStore::open_dir(&data, StoreConfig::default())
             .await
             .with_context(|| format!("open store in {}", data.display()))?;

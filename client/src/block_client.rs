@@ -224,18 +224,6 @@ impl BlockClient {
         let pg = map
             .pg_of_object(volume, object_index)
             .map_err(|e| ClientError::Map(e.to_string()))?;
-        let acting = Placer::new(map)
-            .acting_set(pg)
-            .map_err(|e| ClientError::Map(e.to_string()))?;
-        let primary = acting
-            .primary()
-            .ok_or_else(|| ClientError::Map(format!("{pg} has no primary")))?;
-        let addr: SocketAddr = map
-            .osds
-            .get(&primary)
-            .and_then(|o| o.addr.as_deref())
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| ClientError::Map(format!("{primary} has no address")))?;
         let header = OpHeader {
             object: ObjectRef {
                 pg,
@@ -249,22 +237,7 @@ impl BlockClient {
             version: 0,
             flags,
         };
-        let frame = Frame {
-            kind,
-            flags: 0,
-            request_id: 0,
-            epoch: map.epoch.0,
-            status: 0,
-            payload: header.encode_with(data),
-        };
-        let connection = self.pool.get(addr).await?;
-        let reply = match connection.call(frame, self.config.request_timeout).await {
-            Ok(reply) => reply,
-            Err(e) => {
-                self.pool.forget(addr).await;
-                return Err(e);
-            }
-        };
+        let (_, reply) = self.send_to_primary(map, header, kind, data).await?;
         match Status::from_u32(reply.status) {
             Status::Ok => Ok(Ok(reply.payload)),
             status => Ok(Err((
@@ -279,18 +252,6 @@ impl BlockClient {
     /// Returns how many objects `pg`'s primary holds for it.
     pub async fn pg_object_count(&self, pg: basalt_placement::PgId) -> Result<u64, ClientError> {
         let map = self.map();
-        let acting = Placer::new(&map)
-            .acting_set(pg)
-            .map_err(|e| ClientError::Map(e.to_string()))?;
-        let primary = acting
-            .primary()
-            .ok_or_else(|| ClientError::Map(format!("{pg} has no primary")))?;
-        let addr: SocketAddr = map
-            .osds
-            .get(&primary)
-            .and_then(|o| o.addr.as_deref())
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| ClientError::Map(format!("{primary} has no address")))?;
         let header = OpHeader {
             object: ObjectRef {
                 pg,
@@ -304,16 +265,9 @@ impl BlockClient {
             version: 0,
             flags: 0,
         };
-        let frame = Frame {
-            kind: Kind::PgStat,
-            flags: 0,
-            request_id: 0,
-            epoch: map.epoch.0,
-            status: 0,
-            payload: header.encode_with(&[]),
-        };
-        let connection = self.pool.get(addr).await?;
-        let reply = connection.call(frame, self.config.request_timeout).await?;
+        let (primary, reply) = self
+            .send_to_primary(&map, header, Kind::PgStat, &[])
+            .await?;
         if reply.status != Status::Ok as u32 || reply.payload.len() < 8 {
             return Err(ClientError::Map(format!(
                 "{primary} could not count {pg}: {:?}",
@@ -323,6 +277,49 @@ impl BlockClient {
         let mut count = [0u8; 8];
         count.copy_from_slice(&reply.payload[..8]);
         Ok(u64::from_le_bytes(count))
+    }
+}
+
+impl BlockClient {
+    /// Sends one op to the primary of `header`'s PG at `map`'s epoch and
+    /// returns the primary and its reply. A connection that failed is dropped
+    /// from the pool.
+    async fn send_to_primary(
+        &self,
+        map: &ClusterMap,
+        header: OpHeader,
+        kind: Kind,
+        data: &[u8],
+    ) -> Result<(basalt_placement::OsdId, Frame), ClientError> {
+        let pg = header.object.pg;
+        let acting = Placer::new(map)
+            .acting_set(pg)
+            .map_err(|e| ClientError::Map(e.to_string()))?;
+        let primary = acting
+            .primary()
+            .ok_or_else(|| ClientError::Map(format!("{pg} has no primary")))?;
+        let addr: SocketAddr = map
+            .osds
+            .get(&primary)
+            .and_then(|o| o.addr.as_deref())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| ClientError::Map(format!("{primary} has no address")))?;
+        let frame = Frame {
+            kind,
+            flags: 0,
+            request_id: 0,
+            epoch: map.epoch.0,
+            status: 0,
+            payload: header.encode_with(data),
+        };
+        let connection = self.pool.get(addr).await?;
+        match connection.call(frame, self.config.request_timeout).await {
+            Ok(reply) => Ok((primary, reply)),
+            Err(e) => {
+                self.pool.forget(addr).await;
+                Err(e)
+            }
+        }
     }
 }
 

@@ -1,4 +1,9 @@
-//! The benchmark harness: a fixed fio suite against Basalt volumes and against
-//! baselines (raw file with io_uring, qemu-nbd) in the same run.
+//! The benchmark harness: fio suites against Basalt volumes and against
+//! baselines in the same run.
 //!
-//! Nothing is implemented yet: see the fio-bench issue.
+//! - [`raw`]: the raw-file baseline (fio, io_uring, O_DIRECT) and the
+//!   workloads and figures the storage benches (`store-bench`,
+//!   `client-bench`) share. The full `fio-bench` command is the fio-bench
+//!   issue.
+
+pub mod raw;

@@ -4,13 +4,13 @@
 //!
 //! `basalt dev up --dir DIR && cargo run --release -p basalt-client --bin client-bench -- --cluster DIR [--json]`
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use basalt_client::{BlockClient, ClientConfig, Volume};
+use basalt_fio_bench::raw::{self, Figures, STORAGE_WORKLOADS, Workload};
 use basalt_monitor::MonClient;
 use basalt_proto::monitor as pb;
 use clap::Parser;
@@ -37,67 +37,6 @@ struct Args {
     json: bool,
 }
 
-#[derive(Clone, Copy)]
-struct Workload {
-    name: &'static str,
-    write: bool,
-    random: bool,
-    block_bytes: u64,
-    depth: usize,
-    fdatasync: bool,
-}
-
-const WORKLOADS: [Workload; 5] = [
-    Workload {
-        name: "randwrite 4k qd1",
-        write: true,
-        random: true,
-        block_bytes: 4096,
-        depth: 1,
-        fdatasync: true,
-    },
-    Workload {
-        name: "randwrite 4k qd32",
-        write: true,
-        random: true,
-        block_bytes: 4096,
-        depth: 32,
-        fdatasync: false,
-    },
-    Workload {
-        name: "randread 4k qd1",
-        write: false,
-        random: true,
-        block_bytes: 4096,
-        depth: 1,
-        fdatasync: false,
-    },
-    Workload {
-        name: "randread 4k qd32",
-        write: false,
-        random: true,
-        block_bytes: 4096,
-        depth: 32,
-        fdatasync: false,
-    },
-    Workload {
-        name: "seqwrite 1m qd8",
-        write: true,
-        random: false,
-        block_bytes: 1 << 20,
-        depth: 8,
-        fdatasync: false,
-    },
-];
-
-#[derive(Serialize, Clone, Copy, Default)]
-struct Figures {
-    iops: f64,
-    mib_per_sec: f64,
-    latency_us_mean: f64,
-    latency_us_p99: f64,
-}
-
 #[derive(Serialize)]
 struct Row {
     workload: &'static str,
@@ -108,56 +47,6 @@ struct Row {
 
 fn progress(step: &str) {
     eprintln!("client-bench: {step}...");
-}
-
-fn fio(file: &Path, size: u64, workload: &Workload, runtime: u64) -> anyhow::Result<Figures> {
-    let rw = match (workload.write, workload.random) {
-        (true, true) => "randwrite",
-        (true, false) => "write",
-        (false, true) => "randread",
-        (false, false) => "read",
-    };
-    let mut command = Command::new("fio");
-    command.args([
-        "--name=raw",
-        &format!("--filename={}", file.display()),
-        &format!("--size={size}"),
-        "--ioengine=io_uring",
-        "--direct=1",
-        &format!("--rw={rw}"),
-        &format!("--bs={}", workload.block_bytes),
-        &format!("--iodepth={}", workload.depth),
-        &format!("--runtime={runtime}"),
-        "--time_based",
-        "--ramp_time=1",
-        "--norandommap",
-        "--output-format=json",
-    ]);
-    if workload.fdatasync {
-        command.arg("--fdatasync=1");
-    }
-    let output = command.output().context("run fio (apt-get install fio)")?;
-    if !output.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    let text = String::from_utf8_lossy(&output.stdout);
-    let json: serde_json::Value =
-        serde_json::from_str(&text[text.find('{').context("no fio JSON")?..])?;
-    let job = &json["jobs"][0][if workload.write { "write" } else { "read" }];
-    let iops = job["iops"].as_f64().unwrap_or(0.0);
-    Ok(Figures {
-        iops,
-        mib_per_sec: job["bw_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-        latency_us_mean: if workload.fdatasync {
-            1e6 / iops.max(1e-9)
-        } else {
-            job["lat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0
-        },
-        latency_us_p99: job["clat_ns"]["percentile"]["99.000000"]
-            .as_f64()
-            .unwrap_or(0.0)
-            / 1000.0,
-    })
 }
 
 async fn run(volume: &Volume, workload: Workload, runtime: Duration) -> anyhow::Result<Figures> {
@@ -198,19 +87,11 @@ async fn run(volume: &Volume, workload: Workload, runtime: Duration) -> anyhow::
     while let Some(result) = tasks.join_next().await {
         latencies.extend(result??);
     }
-    latencies.sort_unstable();
-    let count = latencies.len().max(1) as f64;
-    Ok(Figures {
-        iops: latencies.len() as f64 / runtime.as_secs_f64(),
-        mib_per_sec: latencies.len() as f64 * workload.block_bytes as f64
-            / runtime.as_secs_f64()
-            / (1 << 20) as f64,
-        latency_us_mean: latencies.iter().map(|l| *l as f64).sum::<f64>() / count,
-        latency_us_p99: latencies
-            .get(((count * 0.99) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64,
-    })
+    Ok(Figures::from_latencies(
+        latencies,
+        runtime.as_secs_f64(),
+        workload.block_bytes,
+    ))
 }
 
 async fn volume_in(
@@ -283,22 +164,14 @@ async fn main() -> anyhow::Result<()> {
     let size3 = volume_in(&mon, &client, "rbd", 3, "bench-size3", args.size).await?;
     let size1 = volume_in(&mon, &client, "bench1", 1, "bench-size1", args.size).await?;
     progress("prefilling the raw baseline file");
-    let prefill = Workload {
-        name: "prefill",
-        write: true,
-        random: false,
-        block_bytes: 1 << 20,
-        depth: 8,
-        fdatasync: false,
-    };
-    fio(&args.raw_file, args.size, &prefill, 2)?;
+    raw::prefill(&args.raw_file, args.size)?;
     let runtime = Duration::from_secs(args.runtime);
     let mut rows = Vec::new();
-    for workload in WORKLOADS {
+    for workload in STORAGE_WORKLOADS {
         progress(workload.name);
         rows.push(Row {
             workload: workload.name,
-            raw: fio(&args.raw_file, args.size, &workload, args.runtime)?,
+            raw: raw::run(&args.raw_file, args.size, &workload, args.runtime)?,
             size3: run(&size3, workload, runtime).await?,
             size1: run(&size1, workload, runtime).await?,
         });

@@ -9,12 +9,13 @@
 //! sequential write QD8. The store's working set and the raw file are both
 //! half of `--size` (copy-on-write needs free blocks) and both prefilled.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use basalt_fio_bench::raw::{self, Figures, STORAGE_WORKLOADS, Workload};
 use basalt_osd::store::{ObjectKey, ObjectStore, StoreConfig, UringDevice};
 use basalt_placement::{ObjectId, PgId, PoolId, VolumeId};
 use clap::Parser;
@@ -41,14 +42,6 @@ struct Args {
     json: bool,
 }
 
-#[derive(Clone, Copy, Debug, Serialize)]
-struct Figures {
-    iops: f64,
-    mib_per_sec: f64,
-    latency_us_mean: f64,
-    latency_us_p99: f64,
-}
-
 #[derive(Debug, Serialize)]
 struct Row {
     workload: &'static str,
@@ -69,59 +62,6 @@ struct Report {
     runtime_seconds: u64,
     rows: Vec<Row>,
 }
-
-#[derive(Clone, Copy)]
-struct Workload {
-    name: &'static str,
-    write: bool,
-    random: bool,
-    block_bytes: u64,
-    depth: usize,
-    raw_fdatasync: bool,
-}
-
-const WORKLOADS: [Workload; 5] = [
-    Workload {
-        name: "randwrite 4k qd1",
-        write: true,
-        random: true,
-        block_bytes: 4096,
-        depth: 1,
-        raw_fdatasync: true,
-    },
-    Workload {
-        name: "randwrite 4k qd32",
-        write: true,
-        random: true,
-        block_bytes: 4096,
-        depth: 32,
-        raw_fdatasync: false,
-    },
-    Workload {
-        name: "randread 4k qd1",
-        write: false,
-        random: true,
-        block_bytes: 4096,
-        depth: 1,
-        raw_fdatasync: false,
-    },
-    Workload {
-        name: "randread 4k qd32",
-        write: false,
-        random: true,
-        block_bytes: 4096,
-        depth: 32,
-        raw_fdatasync: false,
-    },
-    Workload {
-        name: "seqwrite 1m qd8",
-        write: true,
-        random: false,
-        block_bytes: 1 << 20,
-        depth: 8,
-        raw_fdatasync: false,
-    },
-];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -145,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         "prefilling a {} MiB raw file with fio",
         working_set >> 20
     ));
-    fio_prefill(&raw_file, working_set)?;
+    raw::prefill(&raw_file, working_set)?;
     progress(&format!(
         "formatting a {} MiB store (zero-filled, as fio's file is)",
         size >> 20
@@ -174,9 +114,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(prefill_store(&store, working_set))?;
 
     let mut rows = Vec::new();
-    for workload in WORKLOADS {
+    for workload in STORAGE_WORKLOADS {
         progress(&format!("{}: raw fio", workload.name));
-        let raw = fio_run(&raw_file, working_set, &workload, args.runtime)?;
+        let raw = raw::run(&raw_file, working_set, &workload, args.runtime)?;
         progress(&format!("{}: store", workload.name));
         let store_figures = runtime.block_on(store_run(
             store.clone(),
@@ -241,87 +181,6 @@ fn parse_size(text: &str) -> anyhow::Result<u64> {
     value
         .checked_mul(1 << shift)
         .with_context(|| format!("size {text:?} too large"))
-}
-
-fn fio_prefill(file: &Path, size: u64) -> anyhow::Result<()> {
-    let status = Command::new("fio")
-        .args([
-            "--name=prefill",
-            &format!("--filename={}", file.display()),
-            &format!("--size={size}"),
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=write",
-            "--bs=1M",
-            "--iodepth=8",
-            "--output-format=json",
-        ])
-        .output()
-        .context("run fio prefill")?;
-    if !status.status.success() {
-        bail!(
-            "fio prefill failed: {}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-    }
-    Ok(())
-}
-
-fn fio_run(file: &Path, size: u64, workload: &Workload, runtime: u64) -> anyhow::Result<Figures> {
-    let rw = match (workload.write, workload.random) {
-        (true, true) => "randwrite",
-        (true, false) => "write",
-        (false, true) => "randread",
-        (false, false) => "read",
-    };
-    let mut command = Command::new("fio");
-    command.args([
-        "--name=raw",
-        &format!("--filename={}", file.display()),
-        &format!("--size={size}"),
-        "--ioengine=io_uring",
-        "--direct=1",
-        &format!("--rw={rw}"),
-        &format!("--bs={}", workload.block_bytes),
-        &format!("--iodepth={}", workload.depth),
-        &format!("--runtime={runtime}"),
-        "--time_based",
-        "--ramp_time=1",
-        "--randrepeat=0",
-        "--norandommap",
-        "--output-format=json",
-    ]);
-    if workload.raw_fdatasync {
-        command.arg("--fdatasync=1");
-    }
-    let output = command.output().context("run fio")?;
-    if !output.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    let text = String::from_utf8_lossy(&output.stdout);
-    let start = text.find('{').context("fio printed no JSON")?;
-    let json: serde_json::Value = serde_json::from_str(&text[start..]).context("parse fio JSON")?;
-    let side = if workload.write { "write" } else { "read" };
-    let job = &json["jobs"][0][side];
-    let iops = job["iops"].as_f64().context("fio JSON has no iops")?;
-    let bytes_per_sec = job["bw_bytes"].as_f64().unwrap_or(0.0);
-    // With --fdatasync=1 a write's cost includes its flush: use the total
-    // time per op rather than the write's own latency.
-    let mean_us = if workload.raw_fdatasync {
-        1e6 / iops.max(1e-9)
-    } else {
-        job["lat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0
-    };
-    let p99_us = job["clat_ns"]["percentile"]["99.000000"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1000.0;
-    Ok(Figures {
-        iops,
-        mib_per_sec: bytes_per_sec / (1 << 20) as f64,
-        latency_us_mean: mean_us,
-        latency_us_p99: p99_us,
-    })
 }
 
 fn object_key(index: u64) -> ObjectKey {
@@ -415,17 +274,11 @@ async fn store_run(
     if latencies.is_empty() {
         bail!("{}: no operation completed", workload.name);
     }
-    latencies.sort_unstable();
-    let seconds = runtime.as_secs_f64();
-    let count = latencies.len() as f64;
-    let mean = latencies.iter().map(|l| *l as f64).sum::<f64>() / count;
-    let p99 = latencies[((count * 0.99) as usize).min(latencies.len() - 1)] as f64;
-    Ok(Figures {
-        iops: count / seconds,
-        mib_per_sec: count * workload.block_bytes as f64 / seconds / (1 << 20) as f64,
-        latency_us_mean: mean,
-        latency_us_p99: p99,
-    })
+    Ok(Figures::from_latencies(
+        latencies,
+        runtime.as_secs_f64(),
+        workload.block_bytes,
+    ))
 }
 
 fn print_table(report: &Report) {
