@@ -2,7 +2,7 @@
 //! processes, node i on 127.0.1.i.
 //!
 //! `up` on a new directory creates the cluster (monitors on the first three
-//! nodes, OSDs on every node, the default pool), waits until it is healthy
+//! nodes, OSDs and an NBD gateway on every node, the default pool), waits until it is healthy
 //! and writes `DIR/cluster.json`; on an existing directory it starts again
 //! whatever is not running, with the same data. `down` stops every process
 //! it started (SIGTERM, then SIGKILL after 5 s) and keeps the data.
@@ -39,6 +39,9 @@ pub struct UpArgs {
     /// First OSD port on each node.
     #[arg(long, default_value_t = 6800)]
     osd_port: u16,
+    /// NBD gateway port on each node.
+    #[arg(long, default_value_t = 10809)]
+    nbd_port: u16,
     /// Seconds to wait for the cluster to be healthy.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -171,6 +174,23 @@ fn plan(args: &UpArgs, dir: &Path) -> anyhow::Result<ClusterRecord> {
             });
         }
     }
+    for i in 1..=args.nodes {
+        let addr = format!("127.0.1.{i}:{}", args.nbd_port);
+        daemons.push(DaemonRecord {
+            kind: "nbd".into(),
+            name: format!("nbd{i}"),
+            addr: addr.clone(),
+            pid: 0,
+            log: logs.join(format!("nbd{i}.log")),
+            args: vec![
+                "--mon".into(),
+                monitors.join(","),
+                "nbd".into(),
+                "--listen".into(),
+                addr,
+            ],
+        });
+    }
     Ok(ClusterRecord {
         nodes: args.nodes,
         osds_per_node: args.osds_per_node,
@@ -224,6 +244,12 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         record.nodes
     );
     println!("  monitors: {}", record.monitors.join(","));
+    if let Some(gateway) = record.daemons.iter().find(|d| d.kind == "nbd") {
+        println!(
+            "  volumes:  nbd://{}/<volume> (and every other node's gateway)",
+            gateway.addr
+        );
+    }
     println!("  state:    {}", record_path(&dir).display());
     println!("  logs:     {}", dir.join("logs").display());
     println!("try:");
@@ -302,6 +328,14 @@ async fn check(
     for id in map.pools.keys() {
         if let Err(e) = placer.check_pool(*id) {
             return Ok(Some(e.to_string()));
+        }
+    }
+    for gateway in record.daemons.iter().filter(|d| d.kind == "nbd") {
+        if tokio::net::TcpStream::connect(&gateway.addr).await.is_err() {
+            return Ok(Some(format!(
+                "NBD gateway {} not listening yet",
+                gateway.addr
+            )));
         }
     }
     Ok(None)

@@ -10,6 +10,7 @@ mod daemon;
 mod dev;
 mod logging;
 mod mon;
+mod nbd;
 mod osd;
 mod table;
 
@@ -52,6 +53,8 @@ enum Command {
     /// Placement groups.
     #[command(subcommand)]
     Pg(PgCommand),
+    /// Run the NBD gateway (volumes at nbd://ADDR/<volume>).
+    Nbd(nbd::NbdArgs),
     /// A whole cluster on this machine, for trying, testing, benchmarking.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -80,6 +83,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Mon(args) => mon::run_monitor(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Osd(args) => osd::run(args, &cli.mon, cli.json),
+        Command::Nbd(args) => {
+            nbd::run_gateway(args, &cli.mon).map(|()| std::process::ExitCode::SUCCESS)
+        }
         Command::Pg(PgCommand::Ls { pool }) => cluster_admin::pg_ls(&cli.mon, &pool, cli.json)
             .map(|()| std::process::ExitCode::SUCCESS),
         Command::Dev(DevCommand::Up(args)) => {

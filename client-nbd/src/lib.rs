@@ -1,4 +1,360 @@
 //! The NBD gateway: exports the cluster's volumes by name at
-//! `nbd://<node address>:10809/<volume>` for QEMU, libnbd, fio and the kernel.
+//! `nbd://<address>:10809/<volume>` (or `<pool>/<volume>`), for QEMU,
+//! libnbd, fio and the kernel client.
 //!
-//! Nothing is implemented yet: see the NBD gateway issue.
+//! This first version speaks fixed newstyle negotiation with
+//! NBD_OPT_EXPORT_NAME, GO, INFO, LIST and ABORT (other options are refused
+//! with NBD_REP_ERR_UNSUP and negotiation continues), simple replies, and the
+//! commands READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE) and DISC.
+//! Requests are handled concurrently and answered out of order. The block
+//! size is advertised as 4 KiB minimum; unaligned or out-of-range requests get
+//! EINVAL and the connection stays usable. Every write is durable on every
+//! copy when it is acknowledged, so FLUSH has nothing left to do, FUA is
+//! always honoured, and a flush on one connection covers writes completed on
+//! any other (NBD_FLAG_CAN_MULTI_CONN is truthful). Structured replies,
+//! BLOCK_STATUS, CACHE and extended headers come with the NBD gateway issue.
+
+use std::sync::Arc;
+
+use basalt_client::{BlockClient, ClientError, Volume};
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const CLIENT_NO_ZEROES: u32 = 2;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TX_HAS_FLAGS: u16 = 1;
+const TX_SEND_FLUSH: u16 = 4;
+const TX_SEND_FUA: u16 = 8;
+const TX_SEND_TRIM: u16 = 32;
+const TX_SEND_WRITE_ZEROES: u16 = 64;
+const TX_CAN_MULTI_CONN: u16 = 256;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_NO_HOLE: u16 = 2;
+
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+const ENOTSUP: u32 = 95;
+
+/// Largest request payload accepted (QEMU sends up to 32 MiB).
+const MAX_REQUEST_BYTES: u32 = 32 << 20;
+const BLOCK: u32 = 4096;
+
+/// Errors that end a connection (not a request: those get an NBD error).
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// Serves NBD on `listener` until `shutdown`; each connection closes
+/// promptly on shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    client: Arc<BlockClient>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted?,
+        };
+        let _ = stream.set_nodelay(true);
+        let (client, shutdown) = (client.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                result = connection(stream, client) => match result {
+                    Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
+                    Err(e) => tracing::warn!(%peer, "NBD connection closed: {e}"),
+                },
+            }
+        });
+    }
+}
+
+async fn option_reply(
+    out: &mut TcpStream,
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> Result<(), NbdError> {
+    let mut buf = BytesMut::with_capacity(20 + data.len());
+    buf.put_u64(REPLY_MAGIC);
+    buf.put_u32(option);
+    buf.put_u32(kind);
+    buf.put_u32(data.len() as u32);
+    buf.put_slice(data);
+    out.write_all(&buf).await?;
+    Ok(())
+}
+
+fn export_info(volume: &Volume) -> Vec<u8> {
+    let mut info = Vec::with_capacity(12);
+    info.put_u16(INFO_EXPORT);
+    info.put_u64(volume.size_bytes);
+    info.put_u16(transmission_flags());
+    info
+}
+
+fn transmission_flags() -> u16 {
+    TX_HAS_FLAGS
+        | TX_SEND_FLUSH
+        | TX_SEND_FUA
+        | TX_SEND_TRIM
+        | TX_SEND_WRITE_ZEROES
+        | TX_CAN_MULTI_CONN
+}
+
+async fn open(client: &Arc<BlockClient>, name: &str) -> Option<Volume> {
+    let (pool, volume) = name.split_once('/').unwrap_or(("", name));
+    client.open(pool, volume).await.ok()
+}
+
+/// Negotiates, then serves commands on one connection.
+async fn connection(mut stream: TcpStream, client: Arc<BlockClient>) -> Result<(), NbdError> {
+    let mut hello = BytesMut::with_capacity(18);
+    hello.put_u64(NBDMAGIC);
+    hello.put_u64(IHAVEOPT);
+    hello.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    stream.write_all(&hello).await?;
+    let client_flags = stream.read_u32().await?;
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+
+    let volume = loop {
+        if stream.read_u64().await? != IHAVEOPT {
+            return Err(NbdError::Protocol("option without IHAVEOPT".into()));
+        }
+        let option = stream.read_u32().await?;
+        let length = stream.read_u32().await?;
+        if length > 64 * 1024 {
+            return Err(NbdError::Protocol(format!("option of {length} bytes")));
+        }
+        let mut data = vec![0u8; length as usize];
+        stream.read_exact(&mut data).await?;
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(volume) = open(&client, &name).await else {
+                    // No way to refuse EXPORT_NAME but to close.
+                    return Err(NbdError::Protocol(format!("unknown export {name:?}")));
+                };
+                let mut reply = BytesMut::with_capacity(134);
+                reply.put_u64(volume.size_bytes);
+                reply.put_u16(transmission_flags());
+                if !no_zeroes {
+                    reply.put_bytes(0, 124);
+                }
+                stream.write_all(&reply).await?;
+                break volume;
+            }
+            OPT_ABORT => {
+                let _ = option_reply(&mut stream, option, REP_ACK, &[]).await;
+                return Ok(());
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    option_reply(&mut stream, option, REP_ERR_INVALID, b"LIST takes no data")
+                        .await?;
+                    continue;
+                }
+                let map = client
+                    .refresh_map()
+                    .await
+                    .map_err(|e| NbdError::Protocol(e.to_string()))?;
+                for volume in map.volumes.values() {
+                    let pool = map.pools.get(&volume.pool).map_or("", |p| p.name.as_str());
+                    let name = if pool == "rbd" {
+                        volume.name.clone()
+                    } else {
+                        format!("{pool}/{}", volume.name)
+                    };
+                    let mut entry = Vec::with_capacity(4 + name.len());
+                    entry.put_u32(name.len() as u32);
+                    entry.put_slice(name.as_bytes());
+                    option_reply(&mut stream, option, REP_SERVER, &entry).await?;
+                }
+                option_reply(&mut stream, option, REP_ACK, &[]).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                if data.len() < 6 {
+                    option_reply(&mut stream, option, REP_ERR_INVALID, b"short request").await?;
+                    continue;
+                }
+                let name_len = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize;
+                if data.len() < 4 + name_len + 2 {
+                    option_reply(&mut stream, option, REP_ERR_INVALID, b"bad name length").await?;
+                    continue;
+                }
+                let name = String::from_utf8_lossy(&data[4..4 + name_len]).into_owned();
+                let Some(volume) = open(&client, &name).await else {
+                    let message = format!("no volume {name:?}");
+                    option_reply(&mut stream, option, REP_ERR_UNKNOWN, message.as_bytes()).await?;
+                    continue;
+                };
+                option_reply(&mut stream, option, REP_INFO, &export_info(&volume)).await?;
+                let mut block = Vec::with_capacity(14);
+                block.put_u16(INFO_BLOCK_SIZE);
+                block.put_u32(BLOCK);
+                block.put_u32(BLOCK);
+                block.put_u32(MAX_REQUEST_BYTES);
+                option_reply(&mut stream, option, REP_INFO, &block).await?;
+                option_reply(&mut stream, option, REP_ACK, &[]).await?;
+                if option == OPT_GO {
+                    break volume;
+                }
+            }
+            _ => {
+                option_reply(&mut stream, option, REP_ERR_UNSUP, b"option not supported").await?;
+            }
+        }
+    };
+    transmission(stream, volume).await
+}
+
+struct Reply {
+    cookie: u64,
+    error: u32,
+    data: bytes::Bytes,
+}
+
+fn errno(error: &ClientError) -> u32 {
+    match error {
+        ClientError::Invalid(_) => EINVAL,
+        ClientError::NoSpace => ENOSPC,
+        _ => EIO,
+    }
+}
+
+async fn transmission(stream: TcpStream, volume: Volume) -> Result<(), NbdError> {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::with_capacity(256 * 1024, reader);
+    let (replies, mut outgoing) = mpsc::channel::<Reply>(256);
+    let writer_task = tokio::spawn(async move {
+        while let Some(reply) = outgoing.recv().await {
+            let mut header = BytesMut::with_capacity(16 + reply.data.len());
+            header.put_u32(SIMPLE_REPLY_MAGIC);
+            header.put_u32(reply.error);
+            header.put_u64(reply.cookie);
+            header.put_slice(&reply.data);
+            if writer.write_all(&header).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result = loop {
+        let magic = match reader.read_u32().await {
+            Ok(magic) => magic,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e.into()),
+        };
+        if magic != REQUEST_MAGIC {
+            break Err(NbdError::Protocol(format!("bad request magic {magic:#x}")));
+        }
+        let flags = reader.read_u16().await?;
+        let command = reader.read_u16().await?;
+        let cookie = reader.read_u64().await?;
+        let offset = reader.read_u64().await?;
+        let length = reader.read_u32().await?;
+        let mut payload = Vec::new();
+        if command == CMD_WRITE {
+            if length > MAX_REQUEST_BYTES {
+                break Err(NbdError::Protocol(format!("write of {length} bytes")));
+            }
+            payload = vec![0u8; length as usize];
+            reader.read_exact(&mut payload).await?;
+        }
+        if command == CMD_DISC {
+            break Ok(());
+        }
+        let in_range = offset
+            .checked_add(length as u64)
+            .is_some_and(|end| end <= volume.size_bytes);
+        let aligned = offset % BLOCK as u64 == 0 && length % BLOCK == 0;
+        let (volume, replies) = (volume.clone(), replies.clone());
+        tokio::spawn(async move {
+            let result: Result<bytes::Bytes, u32> = if !in_range || !aligned {
+                Err(EINVAL)
+            } else {
+                match command {
+                    CMD_READ => volume
+                        .read(offset, length as u64)
+                        .await
+                        .map_err(|e| errno(&e)),
+                    CMD_WRITE => volume
+                        .write(offset, &payload)
+                        .await
+                        .map(|()| bytes::Bytes::new())
+                        .map_err(|e| errno(&e)),
+                    CMD_FLUSH => Ok(bytes::Bytes::new()),
+                    CMD_TRIM => volume
+                        .discard(offset, length as u64)
+                        .await
+                        .map(|()| bytes::Bytes::new())
+                        .map_err(|e| errno(&e)),
+                    CMD_WRITE_ZEROES => volume
+                        .write_zeroes(offset, length as u64, flags & CMD_FLAG_NO_HOLE != 0)
+                        .await
+                        .map(|()| bytes::Bytes::new())
+                        .map_err(|e| errno(&e)),
+                    _ => Err(ENOTSUP),
+                }
+            };
+            let reply = match result {
+                Ok(data) => Reply {
+                    cookie,
+                    error: 0,
+                    data: if command == CMD_READ {
+                        data
+                    } else {
+                        bytes::Bytes::new()
+                    },
+                },
+                Err(error) => Reply {
+                    cookie,
+                    error,
+                    data: bytes::Bytes::new(),
+                },
+            };
+            let _ = replies.send(reply).await;
+        });
+    };
+    drop(replies);
+    let _ = writer_task.await;
+    result
+}

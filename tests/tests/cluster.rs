@@ -32,7 +32,7 @@ fn basalt(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn dev_up(dir: &Path, mon_port: u16, osd_port: u16) {
+fn dev_up(dir: &Path, mon_port: u16, osd_port: u16, nbd_port: u16) {
     let out = basalt(&[
         "dev",
         "up",
@@ -46,6 +46,8 @@ fn dev_up(dir: &Path, mon_port: u16, osd_port: u16) {
         &mon_port.to_string(),
         "--osd-port",
         &osd_port.to_string(),
+        "--nbd-port",
+        &nbd_port.to_string(),
     ]);
     assert!(
         out.status.success(),
@@ -120,7 +122,8 @@ async fn replicated_volume_round_trip_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mon_port = free_port("127.0.1.1");
     let osd_port = free_port("127.0.1.1");
-    dev_up(dir.path(), mon_port, osd_port);
+    let nbd_port = free_port("127.0.1.1");
+    dev_up(dir.path(), mon_port, osd_port, nbd_port);
     let _guard = Cluster(dir.path());
     let mons: Vec<String> = (1..=3).map(|i| format!("127.0.1.{i}:{mon_port}")).collect();
     let mon = MonClient::new(&mons).unwrap();
@@ -247,7 +250,7 @@ async fn replicated_volume_round_trip_and_restart() {
     }
 
     // Up again: the same data.
-    dev_up(dir.path(), mon_port, osd_port);
+    dev_up(dir.path(), mon_port, osd_port, nbd_port);
     let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
         .await
         .unwrap();

@@ -1,0 +1,56 @@
+//! `basalt nbd`: the NBD gateway of a node.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use basalt_client::{BlockClient, ClientConfig};
+use basalt_monitor::MonClient;
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct NbdArgs {
+    /// Address to serve NBD on.
+    #[arg(long, default_value = "127.0.1.1:10809")]
+    listen: SocketAddr,
+}
+
+pub fn run_gateway(args: NbdArgs, mon: &str) -> anyhow::Result<()> {
+    let mon = mon.to_string();
+    crate::daemon::run_until_signal("NBD gateway", move |shutdown| async move {
+        let client = BlockClient::connect(MonClient::from_list(&mon)?, ClientConfig::default())
+            .await
+            .context("connect to the cluster")?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listen on {}", args.listen))?;
+        tracing::info!(listen = %args.listen, "NBD gateway serving");
+        basalt_client_nbd::serve(listener, client, shutdown)
+            .await
+            .context("serve NBD")?;
+        Ok::<(), GatewayError>(())
+    })
+}
+
+/// anyhow errors carried through the daemon runner.
+#[derive(Debug)]
+pub struct GatewayError(anyhow::Error);
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for GatewayError {}
+
+impl From<anyhow::Error> for GatewayError {
+    fn from(e: anyhow::Error) -> Self {
+        GatewayError(e)
+    }
+}
+
+impl From<basalt_monitor::MonClientError> for GatewayError {
+    fn from(e: basalt_monitor::MonClientError) -> Self {
+        GatewayError(e.into())
+    }
+}
