@@ -5,14 +5,15 @@
 //! This first version speaks fixed newstyle negotiation with
 //! NBD_OPT_EXPORT_NAME, GO, INFO, LIST and ABORT (other options are refused
 //! with NBD_REP_ERR_UNSUP and negotiation continues), simple replies, and the
-//! commands READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE) and DISC.
+//! commands READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE), CACHE and
+//! DISC; NBD_INFO_EXPORT, NAME, DESCRIPTION and BLOCK_SIZE.
 //! Requests are handled concurrently and answered out of order. The block
 //! size is advertised as 4 KiB minimum; unaligned or out-of-range requests get
 //! EINVAL and the connection stays usable. Every write is durable on every
 //! copy when it is acknowledged, so FLUSH has nothing left to do, FUA is
 //! always honoured, and a flush on one connection covers writes completed on
 //! any other (NBD_FLAG_CAN_MULTI_CONN is truthful). Structured replies,
-//! BLOCK_STATUS, CACHE and extended headers come with the NBD gateway issue.
+//! BLOCK_STATUS and extended headers come with the NBD gateway issue.
 
 use std::sync::Arc;
 
@@ -47,6 +48,8 @@ const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
 const INFO_EXPORT: u16 = 0;
+const INFO_NAME: u16 = 1;
+const INFO_DESCRIPTION: u16 = 2;
 const INFO_BLOCK_SIZE: u16 = 3;
 
 const TX_HAS_FLAGS: u16 = 1;
@@ -55,12 +58,14 @@ const TX_SEND_FUA: u16 = 8;
 const TX_SEND_TRIM: u16 = 32;
 const TX_SEND_WRITE_ZEROES: u16 = 64;
 const TX_CAN_MULTI_CONN: u16 = 256;
+const TX_SEND_CACHE: u16 = 1024;
 
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
+const CMD_CACHE: u16 = 5;
 const CMD_WRITE_ZEROES: u16 = 6;
 const CMD_FLAG_NO_HOLE: u16 = 2;
 
@@ -139,6 +144,7 @@ fn transmission_flags() -> u16 {
         | TX_SEND_TRIM
         | TX_SEND_WRITE_ZEROES
         | TX_CAN_MULTI_CONN
+        | TX_SEND_CACHE
 }
 
 async fn open(client: &Arc<BlockClient>, name: &str) -> Option<Volume> {
@@ -227,7 +233,31 @@ async fn connection(mut stream: TcpStream, client: Arc<BlockClient>) -> Result<(
                     option_reply(&mut stream, option, REP_ERR_UNKNOWN, message.as_bytes()).await?;
                     continue;
                 };
+                // The info types the client asked for, after the name.
+                let rest = &data[4 + name_len..];
+                let asked = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+                let requested: Vec<u16> = rest[2..]
+                    .chunks_exact(2)
+                    .take(asked)
+                    .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                    .collect();
                 option_reply(&mut stream, option, REP_INFO, &export_info(&volume)).await?;
+                if requested.contains(&INFO_NAME) {
+                    let mut info = Vec::with_capacity(2 + name.len());
+                    info.put_u16(INFO_NAME);
+                    info.put_slice(name.as_bytes());
+                    option_reply(&mut stream, option, REP_INFO, &info).await?;
+                }
+                if requested.contains(&INFO_DESCRIPTION) {
+                    let text = format!(
+                        "Basalt volume {} ({} bytes, {}-byte objects)",
+                        volume.name, volume.size_bytes, volume.object_size_bytes
+                    );
+                    let mut info = Vec::with_capacity(2 + text.len());
+                    info.put_u16(INFO_DESCRIPTION);
+                    info.put_slice(text.as_bytes());
+                    option_reply(&mut stream, option, REP_INFO, &info).await?;
+                }
                 let mut block = Vec::with_capacity(14);
                 block.put_u16(INFO_BLOCK_SIZE);
                 block.put_u32(BLOCK);
@@ -321,7 +351,9 @@ async fn transmission(stream: TcpStream, volume: Volume) -> Result<(), NbdError>
                         .await
                         .map(|()| bytes::Bytes::new())
                         .map_err(|e| errno(&e)),
-                    CMD_FLUSH => Ok(bytes::Bytes::new()),
+                    // Every acknowledged write is already durable on every
+                    // copy, and there is no client-side cache to warm.
+                    CMD_FLUSH | CMD_CACHE => Ok(bytes::Bytes::new()),
                     CMD_TRIM => volume
                         .discard(offset, length as u64)
                         .await
