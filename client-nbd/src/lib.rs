@@ -2,9 +2,11 @@
 //! `nbd://<address>:10809/<volume>` (or `<pool>/<volume>`), for QEMU,
 //! libnbd, fio and the kernel client.
 //!
-//! This first version speaks fixed newstyle negotiation with
-//! NBD_OPT_EXPORT_NAME, GO, INFO, LIST and ABORT (other options are refused
-//! with NBD_REP_ERR_UNSUP and negotiation continues), simple replies, and the
+//! This version speaks fixed newstyle negotiation with NBD_OPT_EXPORT_NAME,
+//! GO, INFO, LIST, ABORT, STRUCTURED_REPLY and LIST/SET_META_CONTEXT for
+//! `base:allocation` (other options, extended headers among them, are refused
+//! with NBD_REP_ERR_UNSUP and negotiation continues), simple or structured
+//! replies, BLOCK_STATUS from the stores' block maps, and the
 //! commands READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE), CACHE and
 //! DISC; NBD_INFO_EXPORT, NAME, DESCRIPTION and BLOCK_SIZE.
 //! Requests are handled concurrently and answered out of order. The block
@@ -12,8 +14,7 @@
 //! EINVAL and the connection stays usable. Every write is durable on every
 //! copy when it is acknowledged, so FLUSH has nothing left to do, FUA is
 //! always honoured, and a flush on one connection covers writes completed on
-//! any other (NBD_FLAG_CAN_MULTI_CONN is truthful). Structured replies,
-//! BLOCK_STATUS and extended headers come with the NBD gateway issue.
+//! any other (NBD_FLAG_CAN_MULTI_CONN is truthful).
 
 use std::sync::Arc;
 
@@ -39,10 +40,14 @@ const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
 
 const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
@@ -67,6 +72,19 @@ const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
 const CMD_CACHE: u16 = 5;
 const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
+
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+const REPLY_FLAG_DONE: u16 = 1;
+const REPLY_TYPE_NONE: u16 = 0;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
+/// Our one metadata context, `base:allocation`.
+const ALLOCATION_CONTEXT: u32 = 1;
+const ALLOCATION_CONTEXT_NAME: &str = "base:allocation";
 const CMD_FLAG_NO_HOLE: u16 = 2;
 
 const EIO: u32 = 5;
@@ -161,6 +179,8 @@ async fn connection(mut stream: TcpStream, client: Arc<BlockClient>) -> Result<(
     stream.write_all(&hello).await?;
     let client_flags = stream.read_u32().await?;
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut allocation_context = false;
 
     let volume = loop {
         if stream.read_u64().await? != IHAVEOPT {
@@ -269,18 +289,141 @@ async fn connection(mut stream: TcpStream, client: Arc<BlockClient>) -> Result<(
                     break volume;
                 }
             }
+            OPT_STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    structured = true;
+                    option_reply(&mut stream, option, REP_ACK, &[]).await?;
+                } else {
+                    option_reply(&mut stream, option, REP_ERR_INVALID, b"takes no data").await?;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let Some(queries) = meta_queries(&data) else {
+                    option_reply(&mut stream, option, REP_ERR_INVALID, b"malformed request")
+                        .await?;
+                    continue;
+                };
+                if option == OPT_SET_META_CONTEXT && !structured {
+                    option_reply(
+                        &mut stream,
+                        option,
+                        REP_ERR_INVALID,
+                        b"negotiate structured replies first",
+                    )
+                    .await?;
+                    continue;
+                }
+                let matches = queries.is_empty() && option == OPT_LIST_META_CONTEXT
+                    || queries.iter().any(|q| {
+                        q == ALLOCATION_CONTEXT_NAME
+                            || (option == OPT_LIST_META_CONTEXT && q == "base:")
+                    });
+                if option == OPT_SET_META_CONTEXT {
+                    allocation_context = matches;
+                }
+                if matches {
+                    let mut reply = Vec::with_capacity(4 + ALLOCATION_CONTEXT_NAME.len());
+                    reply.put_u32(ALLOCATION_CONTEXT);
+                    reply.put_slice(ALLOCATION_CONTEXT_NAME.as_bytes());
+                    option_reply(&mut stream, option, REP_META_CONTEXT, &reply).await?;
+                }
+                option_reply(&mut stream, option, REP_ACK, &[]).await?;
+            }
             _ => {
                 option_reply(&mut stream, option, REP_ERR_UNSUP, b"option not supported").await?;
             }
         }
     };
-    transmission(stream, volume).await
+    transmission(stream, volume, structured, allocation_context).await
+}
+
+/// Parses a meta-context request: export name, then the queries.
+fn meta_queries(data: &[u8]) -> Option<Vec<String>> {
+    let mut cursor = data;
+    let take_u32 = |cursor: &mut &[u8]| -> Option<u32> {
+        let (head, rest) = cursor.split_at_checked(4)?;
+        *cursor = rest;
+        Some(u32::from_be_bytes([head[0], head[1], head[2], head[3]]))
+    };
+    let name_len = take_u32(&mut cursor)? as usize;
+    cursor = cursor.get(name_len..)?;
+    let count = take_u32(&mut cursor)?;
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        let len = take_u32(&mut cursor)? as usize;
+        let (query, rest) = cursor.split_at_checked(len)?;
+        queries.push(String::from_utf8_lossy(query).into_owned());
+        cursor = rest;
+    }
+    cursor.is_empty().then_some(queries)
+}
+
+enum Outcome {
+    Done,
+    Data(bytes::Bytes),
+    Extents(Vec<(u32, u32)>),
+    Error(u32),
 }
 
 struct Reply {
     cookie: u64,
-    error: u32,
-    data: bytes::Bytes,
+    offset: u64,
+    outcome: Outcome,
+}
+
+/// Encodes a reply as a simple reply or one structured chunk.
+fn encode_reply(reply: Reply, structured: bool) -> BytesMut {
+    let mut out = BytesMut::new();
+    if !structured {
+        out.put_u32(SIMPLE_REPLY_MAGIC);
+        match reply.outcome {
+            Outcome::Error(error) => {
+                out.put_u32(error);
+                out.put_u64(reply.cookie);
+            }
+            Outcome::Data(data) => {
+                out.put_u32(0);
+                out.put_u64(reply.cookie);
+                out.put_slice(&data);
+            }
+            Outcome::Done | Outcome::Extents(_) => {
+                out.put_u32(0);
+                out.put_u64(reply.cookie);
+            }
+        }
+        return out;
+    }
+    let (kind, payload): (u16, BytesMut) = match reply.outcome {
+        Outcome::Done => (REPLY_TYPE_NONE, BytesMut::new()),
+        Outcome::Data(data) => {
+            let mut payload = BytesMut::with_capacity(8 + data.len());
+            payload.put_u64(reply.offset);
+            payload.put_slice(&data);
+            (REPLY_TYPE_OFFSET_DATA, payload)
+        }
+        Outcome::Extents(extents) => {
+            let mut payload = BytesMut::with_capacity(4 + 8 * extents.len());
+            payload.put_u32(ALLOCATION_CONTEXT);
+            for (length, flags) in extents {
+                payload.put_u32(length);
+                payload.put_u32(flags);
+            }
+            (REPLY_TYPE_BLOCK_STATUS, payload)
+        }
+        Outcome::Error(error) => {
+            let mut payload = BytesMut::with_capacity(6);
+            payload.put_u32(error);
+            payload.put_u16(0);
+            (REPLY_TYPE_ERROR, payload)
+        }
+    };
+    out.put_u32(STRUCTURED_REPLY_MAGIC);
+    out.put_u16(REPLY_FLAG_DONE);
+    out.put_u16(kind);
+    out.put_u64(reply.cookie);
+    out.put_u32(payload.len() as u32);
+    out.put_slice(&payload);
+    out
 }
 
 fn errno(error: &ClientError) -> u32 {
@@ -291,18 +434,19 @@ fn errno(error: &ClientError) -> u32 {
     }
 }
 
-async fn transmission(stream: TcpStream, volume: Volume) -> Result<(), NbdError> {
+async fn transmission(
+    stream: TcpStream,
+    volume: Volume,
+    structured: bool,
+    allocation_context: bool,
+) -> Result<(), NbdError> {
     let (reader, mut writer) = stream.into_split();
     let mut reader = BufReader::with_capacity(256 * 1024, reader);
     let (replies, mut outgoing) = mpsc::channel::<Reply>(256);
     let writer_task = tokio::spawn(async move {
         while let Some(reply) = outgoing.recv().await {
-            let mut header = BytesMut::with_capacity(16 + reply.data.len());
-            header.put_u32(SIMPLE_REPLY_MAGIC);
-            header.put_u32(reply.error);
-            header.put_u64(reply.cookie);
-            header.put_slice(&reply.data);
-            if writer.write_all(&header).await.is_err() {
+            let bytes = encode_reply(reply, structured);
+            if writer.write_all(&bytes).await.is_err() {
                 break;
             }
         }
@@ -335,55 +479,65 @@ async fn transmission(stream: TcpStream, volume: Volume) -> Result<(), NbdError>
         let in_range = offset
             .checked_add(length as u64)
             .is_some_and(|end| end <= volume.size_bytes);
-        let aligned = offset % BLOCK as u64 == 0 && length % BLOCK == 0;
+        // Block status may name any byte range; data commands use 4 KiB blocks.
+        let aligned =
+            command == CMD_BLOCK_STATUS || (offset % BLOCK as u64 == 0 && length % BLOCK == 0);
         let (volume, replies) = (volume.clone(), replies.clone());
         tokio::spawn(async move {
-            let result: Result<bytes::Bytes, u32> = if !in_range || !aligned {
+            let done =
+                |r: Result<(), ClientError>| r.map(|()| Outcome::Done).map_err(|e| errno(&e));
+            let result: Result<Outcome, u32> = if !in_range || !aligned {
                 Err(EINVAL)
             } else {
                 match command {
                     CMD_READ => volume
                         .read(offset, length as u64)
                         .await
+                        .map(Outcome::Data)
                         .map_err(|e| errno(&e)),
-                    CMD_WRITE => volume
-                        .write(offset, &payload)
-                        .await
-                        .map(|()| bytes::Bytes::new())
-                        .map_err(|e| errno(&e)),
+                    CMD_WRITE => done(volume.write(offset, &payload).await),
                     // Every acknowledged write is already durable on every
                     // copy, and there is no client-side cache to warm.
-                    CMD_FLUSH | CMD_CACHE => Ok(bytes::Bytes::new()),
-                    CMD_TRIM => volume
-                        .discard(offset, length as u64)
+                    CMD_FLUSH | CMD_CACHE => Ok(Outcome::Done),
+                    CMD_TRIM => done(volume.discard(offset, length as u64).await),
+                    CMD_WRITE_ZEROES => done(
+                        volume
+                            .write_zeroes(offset, length as u64, flags & CMD_FLAG_NO_HOLE != 0)
+                            .await,
+                    ),
+                    CMD_BLOCK_STATUS if allocation_context && length > 0 => volume
+                        .allocation(offset, length as u64)
                         .await
-                        .map(|()| bytes::Bytes::new())
+                        .map(|runs| {
+                            Outcome::Extents(
+                                runs.into_iter()
+                                    .map(|(_, len, allocated)| {
+                                        let state = if allocated {
+                                            0
+                                        } else {
+                                            STATE_HOLE | STATE_ZERO
+                                        };
+                                        (len as u32, state)
+                                    })
+                                    .collect(),
+                            )
+                        })
                         .map_err(|e| errno(&e)),
-                    CMD_WRITE_ZEROES => volume
-                        .write_zeroes(offset, length as u64, flags & CMD_FLAG_NO_HOLE != 0)
-                        .await
-                        .map(|()| bytes::Bytes::new())
-                        .map_err(|e| errno(&e)),
+                    CMD_BLOCK_STATUS => Err(EINVAL),
                     _ => Err(ENOTSUP),
                 }
             };
-            let reply = match result {
-                Ok(data) => Reply {
-                    cookie,
-                    error: 0,
-                    data: if command == CMD_READ {
-                        data
-                    } else {
-                        bytes::Bytes::new()
-                    },
-                },
-                Err(error) => Reply {
-                    cookie,
-                    error,
-                    data: bytes::Bytes::new(),
-                },
+            let outcome = match result {
+                Ok(outcome) => outcome,
+                Err(error) => Outcome::Error(error),
             };
-            let _ = replies.send(reply).await;
+            let _ = replies
+                .send(Reply {
+                    cookie,
+                    offset,
+                    outcome,
+                })
+                .await;
         });
     };
     drop(replies);

@@ -410,6 +410,76 @@ impl Volume {
         Ok(())
     }
 
+    /// Returns the allocation of `[offset, offset + length)` as runs of
+    /// `(start, length, allocated)`, covering at least the part of the range
+    /// inside the first object it touches (callers ask again for the rest).
+    pub async fn allocation(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<(u64, u64, bool)>, ClientError> {
+        if length == 0
+            || offset
+                .checked_add(length)
+                .is_none_or(|end| end > self.size_bytes)
+        {
+            return Err(ClientError::Invalid(format!(
+                "range {offset}+{length} is outside volume {}",
+                self.name
+            )));
+        }
+        let index = offset / self.object_size_bytes;
+        let object_start = index * self.object_size_bytes;
+        let end = (offset + length).min(object_start + self.object_size_bytes);
+        let map = self.client.map();
+        let pg = map
+            .pg_of_object(self.id, index)
+            .map_err(|e| ClientError::Map(e.to_string()))?;
+        let header = OpHeader {
+            object: ObjectRef {
+                pg,
+                object: ObjectId {
+                    volume: self.id,
+                    index,
+                },
+            },
+            offset: 0,
+            length: 0,
+            version: 0,
+            flags: 0,
+        };
+        let (_, reply) = self
+            .client
+            .send_to_primary(&map, header, Kind::BlockStatus, &[])
+            .await?;
+        if reply.status != Status::Ok as u32 {
+            return Err(ClientError::Map(format!(
+                "block status of object {index}: {:?}",
+                Status::from_u32(reply.status)
+            )));
+        }
+        let allocated: std::collections::BTreeSet<u64> = reply
+            .payload
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64)
+            .collect();
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut position = offset;
+        while position < end {
+            let block = (position - object_start) / BLOCK;
+            let block_end = (object_start + (block + 1) * BLOCK).min(end);
+            let is_allocated = allocated.contains(&block);
+            match runs.last_mut() {
+                Some((_, run_length, run_allocated)) if *run_allocated == is_allocated => {
+                    *run_length += block_end - position;
+                }
+                _ => runs.push((position, block_end - position, is_allocated)),
+            }
+            position = block_end;
+        }
+        Ok(runs)
+    }
+
     /// Frees a range (it reads as zeros afterwards).
     pub async fn discard(&self, offset: u64, length: u64) -> Result<(), ClientError> {
         self.check(offset, length)?;

@@ -153,6 +153,23 @@ fn standard_clients_read_and_write_through_the_gateway() {
     ));
     assert!(!io.contains("Pattern verification failed"), "{io}");
 
+    // BLOCK_STATUS (structured replies, base:allocation) tells data from holes.
+    let map = ok(&run("nbdinfo", &["--map", &uri]));
+    let extents: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let expected = [
+        ["0", "67108864", "0", "data"],
+        ["67108864", "6291456", "3", "hole,zero"],
+        ["73400320", "4096", "0", "data"],
+        ["73404416", "60813312", "3", "hole,zero"],
+    ];
+    for (got, want) in extents.iter().zip(expected.iter()) {
+        assert_eq!(got, want, "{map}");
+    }
+    assert_eq!(extents.len(), expected.len(), "{map}");
+
     // An unknown export is refused cleanly; garbage closes only its own
     // connection; the gateway keeps serving.
     let missing = run("nbdinfo", &[&format!("nbd://{nbd_addr}/nope")]);
