@@ -12,6 +12,9 @@ pub struct NbdArgs {
     /// Address to serve NBD on.
     #[arg(long, default_value = "127.0.1.1:10809")]
     listen: SocketAddr,
+    /// Export every volume read-only (writes get EPERM).
+    #[arg(long)]
+    read_only: bool,
 }
 
 pub fn run_gateway(args: NbdArgs, mon: &str) -> anyhow::Result<()> {
@@ -24,7 +27,7 @@ pub fn run_gateway(args: NbdArgs, mon: &str) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listen on {}", args.listen))?;
         tracing::info!(listen = %args.listen, "NBD gateway serving");
-        basalt_client_nbd::serve(listener, client, shutdown)
+        basalt_client_nbd::serve(listener, client, args.read_only, shutdown)
             .await
             .context("serve NBD")?;
         Ok::<(), GatewayError>(())

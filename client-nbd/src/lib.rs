@@ -58,6 +58,7 @@ const INFO_DESCRIPTION: u16 = 2;
 const INFO_BLOCK_SIZE: u16 = 3;
 
 const TX_HAS_FLAGS: u16 = 1;
+const TX_READ_ONLY: u16 = 2;
 const TX_SEND_FLUSH: u16 = 4;
 const TX_SEND_FUA: u16 = 8;
 const TX_SEND_TRIM: u16 = 32;
@@ -87,6 +88,7 @@ const ALLOCATION_CONTEXT: u32 = 1;
 const ALLOCATION_CONTEXT_NAME: &str = "base:allocation";
 const CMD_FLAG_NO_HOLE: u16 = 2;
 
+const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
@@ -110,6 +112,7 @@ pub enum NbdError {
 pub async fn serve(
     listener: TcpListener,
     client: Arc<BlockClient>,
+    read_only: bool,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     loop {
@@ -122,7 +125,7 @@ pub async fn serve(
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                result = connection(stream, client) => match result {
+                result = connection(stream, client, read_only) => match result {
                     Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
                     Err(e) => tracing::warn!(%peer, "NBD connection closed: {e}"),
                 },
@@ -147,16 +150,17 @@ async fn option_reply(
     Ok(())
 }
 
-fn export_info(volume: &Volume) -> Vec<u8> {
+fn export_info(volume: &Volume, read_only: bool) -> Vec<u8> {
     let mut info = Vec::with_capacity(12);
     info.put_u16(INFO_EXPORT);
     info.put_u64(volume.size_bytes);
-    info.put_u16(transmission_flags());
+    info.put_u16(transmission_flags(read_only));
     info
 }
 
-fn transmission_flags() -> u16 {
-    TX_HAS_FLAGS
+fn transmission_flags(read_only: bool) -> u16 {
+    (if read_only { TX_READ_ONLY } else { 0 })
+        | TX_HAS_FLAGS
         | TX_SEND_FLUSH
         | TX_SEND_FUA
         | TX_SEND_TRIM
@@ -171,7 +175,11 @@ async fn open(client: &Arc<BlockClient>, name: &str) -> Option<Volume> {
 }
 
 /// Negotiates, then serves commands on one connection.
-async fn connection(mut stream: TcpStream, client: Arc<BlockClient>) -> Result<(), NbdError> {
+async fn connection(
+    mut stream: TcpStream,
+    client: Arc<BlockClient>,
+    read_only: bool,
+) -> Result<(), NbdError> {
     let mut hello = BytesMut::with_capacity(18);
     hello.put_u64(NBDMAGIC);
     hello.put_u64(IHAVEOPT);
@@ -202,7 +210,7 @@ async fn connection(mut stream: TcpStream, client: Arc<BlockClient>) -> Result<(
                 };
                 let mut reply = BytesMut::with_capacity(134);
                 reply.put_u64(volume.size_bytes);
-                reply.put_u16(transmission_flags());
+                reply.put_u16(transmission_flags(read_only));
                 if !no_zeroes {
                     reply.put_bytes(0, 124);
                 }
@@ -261,7 +269,13 @@ async fn connection(mut stream: TcpStream, client: Arc<BlockClient>) -> Result<(
                     .take(asked)
                     .map(|c| u16::from_be_bytes([c[0], c[1]]))
                     .collect();
-                option_reply(&mut stream, option, REP_INFO, &export_info(&volume)).await?;
+                option_reply(
+                    &mut stream,
+                    option,
+                    REP_INFO,
+                    &export_info(&volume, read_only),
+                )
+                .await?;
                 if requested.contains(&INFO_NAME) {
                     let mut info = Vec::with_capacity(2 + name.len());
                     info.put_u16(INFO_NAME);
@@ -334,7 +348,7 @@ async fn connection(mut stream: TcpStream, client: Arc<BlockClient>) -> Result<(
             }
         }
     };
-    transmission(stream, volume, structured, allocation_context).await
+    transmission(stream, volume, structured, allocation_context, read_only).await
 }
 
 /// Parses a meta-context request: export name, then the queries.
@@ -439,6 +453,7 @@ async fn transmission(
     volume: Volume,
     structured: bool,
     allocation_context: bool,
+    read_only: bool,
 ) -> Result<(), NbdError> {
     let (reader, mut writer) = stream.into_split();
     let mut reader = BufReader::with_capacity(256 * 1024, reader);
@@ -486,7 +501,10 @@ async fn transmission(
         tokio::spawn(async move {
             let done =
                 |r: Result<(), ClientError>| r.map(|()| Outcome::Done).map_err(|e| errno(&e));
-            let result: Result<Outcome, u32> = if !in_range || !aligned {
+            let writes = matches!(command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+            let result: Result<Outcome, u32> = if read_only && writes {
+                Err(EPERM)
+            } else if !in_range || !aligned {
                 Err(EINVAL)
             } else {
                 match command {

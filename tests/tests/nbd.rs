@@ -189,6 +189,58 @@ fn standard_clients_read_and_write_through_the_gateway() {
     assert_eq!(size.trim(), "134217728");
     assert!(gateway.is_running());
     gateway.kill();
+
+    // A read-only gateway: the flag is advertised and writes get EPERM.
+    let ro_addr = format!("127.0.1.3:{}", free_port("127.0.1.3"));
+    let _read_only = Daemon::start(
+        "nbd-ro",
+        vec![
+            "--mon".into(),
+            mons.clone(),
+            "nbd".into(),
+            "--read-only".into(),
+            "--listen".into(),
+            ro_addr.clone(),
+        ],
+        dir.path().join("nbd-ro.log"),
+    )
+    .unwrap();
+    let ro_uri = format!("nbd://{ro_addr}/disk");
+    let mut info = String::new();
+    for _ in 0..100 {
+        let out = run("nbdinfo", &[&ro_uri]);
+        if out.status.success() {
+            info = String::from_utf8_lossy(&out.stdout).into_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(info.contains("is_read_only: true"), "{info}");
+    // nbdsh is `python3 -m nbd`; Debian's python3 has the binding (the one
+    // first on PATH may not). Strict mode off, so libnbd sends the write and
+    // the gateway itself must refuse it.
+    let write = run(
+        "/usr/bin/python3",
+        &[
+            "-m",
+            "nbd",
+            "-u",
+            &ro_uri,
+            "-c",
+            "h.set_strict_mode(0); h.pwrite(b'x' * 4096, 0)",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&write.stderr);
+    assert!(
+        !write.status.success(),
+        "a write to a read-only export succeeded"
+    );
+    assert!(
+        stderr.contains("command failed: Operation not permitted"),
+        "expected the gateway's EPERM, got: {stderr}"
+    );
+    let read = ok(&run("nbdinfo", &["--size", &ro_uri]));
+    assert_eq!(read.trim(), "134217728");
 }
 
 /// fio writes with crc32c verification headers through the gateway at queue
