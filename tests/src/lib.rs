@@ -220,3 +220,110 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs `basalt ARGS` (logging at warn) and returns its output.
+pub fn basalt(args: &[&str]) -> std::process::Output {
+    Command::new(basalt_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the basalt binary runs")
+}
+
+/// A 3-node cluster from `basalt dev up` on free ports in a temporary
+/// directory; `dev down` runs on drop, so a failing test leaves nothing.
+pub struct DevCluster {
+    pub dir: tempfile::TempDir,
+    pub mon_port: u16,
+    pub osd_port: u16,
+    pub nbd_port: u16,
+    osd_size: String,
+}
+
+impl DevCluster {
+    /// Starts a cluster whose OSDs have `osd_size` data files, and waits
+    /// until it is healthy.
+    pub fn up(osd_size: &str) -> anyhow::Result<DevCluster> {
+        let cluster = DevCluster {
+            dir: tempfile::tempdir().context("temp dir")?,
+            mon_port: free_port("127.0.1.1"),
+            osd_port: free_port("127.0.1.1"),
+            nbd_port: free_port("127.0.1.1"),
+            osd_size: osd_size.to_string(),
+        };
+        cluster.up_again()?;
+        Ok(cluster)
+    }
+
+    /// Runs `dev up` on the cluster's directory (a restart keeps the data).
+    pub fn up_again(&self) -> anyhow::Result<()> {
+        let dir = self.dir.path().display().to_string();
+        let (mon, osd, nbd) = (
+            self.mon_port.to_string(),
+            self.osd_port.to_string(),
+            self.nbd_port.to_string(),
+        );
+        let out = basalt(&[
+            "dev",
+            "up",
+            "--dir",
+            &dir,
+            "--nodes",
+            "3",
+            "--osd-size",
+            &self.osd_size,
+            "--mon-port",
+            &mon,
+            "--osd-port",
+            &osd,
+            "--nbd-port",
+            &nbd,
+        ]);
+        if !out.status.success() {
+            bail!(
+                "dev up failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `dev down` (data is kept).
+    pub fn down(&self) -> anyhow::Result<()> {
+        let out = basalt(&[
+            "dev",
+            "down",
+            "--dir",
+            &self.dir.path().display().to_string(),
+        ]);
+        if !out.status.success() {
+            bail!("dev down failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// The monitor addresses.
+    pub fn mons(&self) -> Vec<String> {
+        (1..=3)
+            .map(|i| format!("127.0.1.{i}:{}", self.mon_port))
+            .collect()
+    }
+
+    /// The `--mon` list.
+    pub fn mon_list(&self) -> String {
+        self.mons().join(",")
+    }
+
+    /// The cluster's `cluster.json`.
+    pub fn record(&self) -> serde_json::Value {
+        let bytes = std::fs::read(self.dir.path().join("cluster.json")).unwrap_or_default();
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        let _ = self.down();
+    }
+}

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,53 +17,11 @@ use basalt_monitor::MonClient;
 use basalt_osd::store::{ObjectStore, StoreConfig};
 use basalt_placement::{ClusterMap, PgId, Placer};
 use basalt_proto::monitor as pb;
-use basalt_tests::{basalt_bin, free_port};
+use basalt_tests::{DevCluster, basalt};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const MIB: u64 = 1 << 20;
-
-fn basalt(args: &[&str]) -> std::process::Output {
-    Command::new(basalt_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn dev_up(dir: &Path, mon_port: u16, osd_port: u16, nbd_port: u16) {
-    let out = basalt(&[
-        "dev",
-        "up",
-        "--dir",
-        dir.to_str().unwrap(),
-        "--nodes",
-        "3",
-        "--osd-size",
-        "1G",
-        "--mon-port",
-        &mon_port.to_string(),
-        "--osd-port",
-        &osd_port.to_string(),
-        "--nbd-port",
-        &nbd_port.to_string(),
-    ]);
-    assert!(
-        out.status.success(),
-        "dev up failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn dev_down(dir: &Path) {
-    let out = basalt(&["dev", "down", "--dir", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "dev down failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn pids(dir: &Path) -> Vec<u32> {
     let record: serde_json::Value =
@@ -108,24 +65,11 @@ async fn create_volume(mon: &MonClient, name: &str, size: u64, home: &str) {
     .unwrap();
 }
 
-/// Shuts down the cluster even when an assertion fails.
-struct Cluster<'a>(&'a Path);
-
-impl Drop for Cluster<'_> {
-    fn drop(&mut self) {
-        let _ = basalt(&["dev", "down", "--dir", self.0.to_str().unwrap_or_default()]);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicated_volume_round_trip_and_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let mon_port = free_port("127.0.1.1");
-    let osd_port = free_port("127.0.1.1");
-    let nbd_port = free_port("127.0.1.1");
-    dev_up(dir.path(), mon_port, osd_port, nbd_port);
-    let _guard = Cluster(dir.path());
-    let mons: Vec<String> = (1..=3).map(|i| format!("127.0.1.{i}:{mon_port}")).collect();
+    let cluster = DevCluster::up("1G").unwrap();
+    let dir = &cluster.dir;
+    let mons = cluster.mons();
     let mon = MonClient::new(&mons).unwrap();
     let data_len = 256 * MIB;
     create_volume(&mon, "data", data_len, "").await;
@@ -191,7 +135,7 @@ async fn replicated_volume_round_trip_and_restart() {
 
     // Stop everything: no process may be left.
     let before = pids(dir.path());
-    dev_down(dir.path());
+    cluster.down().unwrap();
     for pid in &before {
         assert!(!alive(*pid), "pid {pid} survived dev down");
     }
@@ -250,7 +194,7 @@ async fn replicated_volume_round_trip_and_restart() {
     }
 
     // Up again: the same data.
-    dev_up(dir.path(), mon_port, osd_port, nbd_port);
+    cluster.up_again().unwrap();
     let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
         .await
         .unwrap();

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use basalt_tests::{Daemon, basalt_bin, free_port};
+use basalt_tests::{Daemon, DevCluster, basalt, free_port};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,45 +31,12 @@ fn ok(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn basalt(args: &[&str]) -> std::process::Output {
-    Command::new(basalt_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-struct Down<'a>(&'a Path);
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = basalt(&["dev", "down", "--dir", self.0.to_str().unwrap_or_default()]);
-    }
-}
-
 #[test]
 fn standard_clients_read_and_write_through_the_gateway() {
-    let dir = tempfile::tempdir().unwrap();
-    let mon_port = free_port("127.0.1.1").to_string();
-    let osd_port = free_port("127.0.1.1").to_string();
-    let dev_nbd_port = free_port("127.0.1.1").to_string();
-    let path = dir.path().to_str().unwrap();
-    ok(&basalt(&[
-        "dev",
-        "up",
-        "--dir",
-        path,
-        "--osd-size",
-        "1G",
-        "--mon-port",
-        &mon_port,
-        "--osd-port",
-        &osd_port,
-        "--nbd-port",
-        &dev_nbd_port,
-    ]));
-    let _down = Down(dir.path());
-    let mons = format!("127.0.1.1:{mon_port},127.0.1.2:{mon_port},127.0.1.3:{mon_port}");
+    let cluster = DevCluster::up("1G").unwrap();
+    let dir = &cluster.dir;
+    let dev_nbd_port = cluster.nbd_port;
+    let mons = cluster.mon_list();
     ok(&basalt(&[
         "--mon", &mons, "volume", "create", "disk", "--size", "128M",
     ]));
@@ -249,27 +216,10 @@ fn standard_clients_read_and_write_through_the_gateway() {
 /// verify pass afterwards finds every block intact.
 #[test]
 fn osd_killed_under_fio_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mon_port = free_port("127.0.1.1").to_string();
-    let osd_port = free_port("127.0.1.1").to_string();
-    let nbd_port = free_port("127.0.1.1").to_string();
-    let path = dir.path().to_str().unwrap();
-    ok(&basalt(&[
-        "dev",
-        "up",
-        "--dir",
-        path,
-        "--osd-size",
-        "1G",
-        "--mon-port",
-        &mon_port,
-        "--osd-port",
-        &osd_port,
-        "--nbd-port",
-        &nbd_port,
-    ]));
-    let _down = Down(dir.path());
-    let mons = format!("127.0.1.1:{mon_port},127.0.1.2:{mon_port},127.0.1.3:{mon_port}");
+    let cluster = DevCluster::up("1G").unwrap();
+    let dir = &cluster.dir;
+    let nbd_port = cluster.nbd_port;
+    let mons = cluster.mon_list();
     ok(&basalt(&[
         "--mon", &mons, "volume", "create", "fio", "--size", "64M",
     ]));
