@@ -115,6 +115,20 @@ async fn replicated_volume_round_trip_and_restart() {
         assert_eq!(placer.host_of(primary), Some(node2), "{pg}");
     }
 
+    // `status` reports a healthy quorum with a leader.
+    let out = basalt(&["--mon", &mons.join(","), "status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["health"], "ok", "{status}");
+    assert_eq!(status["monitors"].as_array().unwrap().len(), 3);
+    assert!(!status["leader"].as_str().unwrap().is_empty());
+    assert_eq!(status["osds"]["up"], 3);
+    assert_eq!(status["volumes"], 2);
+
     // `pg ls` and `osd ls` see a clean cluster holding the data volume's
     // 64 objects (the homed volume's PGs are not the pool's base PGs).
     let mon_list = mons.join(",");
