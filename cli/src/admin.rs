@@ -138,6 +138,10 @@ pub fn status(mon: &MonClient, as_json: bool) -> anyhow::Result<()> {
                 "pools": reply.pools, "volumes": reply.volumes,
                 "health": if reply.health_warnings.is_empty() { "ok" } else { "warn" },
                 "health_warnings": reply.health_warnings,
+                "gateways": reply.gateways.iter().map(|g| json!({
+                    "addr": g.addr,
+                    "clients": g.clients.iter().map(|c| json!({"peer": c.peer, "export": c.export})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
             }))?
         );
         return Ok(());
@@ -180,6 +184,19 @@ pub fn status(mon: &MonClient, as_json: bool) -> anyhow::Result<()> {
     );
     println!("pools:    {}", reply.pools);
     println!("volumes:  {}", reply.volumes);
+    let clients: usize = reply.gateways.iter().map(|g| g.clients.len()).sum();
+    println!(
+        "nbd:      {} gateway(s), {clients} client(s)",
+        reply.gateways.len()
+    );
+    for gateway in &reply.gateways {
+        for client in &gateway.clients {
+            println!(
+                "          {} -> {} ({})",
+                client.peer, gateway.addr, client.export
+            );
+        }
+    }
     Ok(())
 }
 

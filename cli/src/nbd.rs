@@ -27,7 +27,35 @@ pub fn run_gateway(args: NbdArgs, mon: &str) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listen on {}", args.listen))?;
         tracing::info!(listen = %args.listen, "NBD gateway serving");
-        basalt_client_nbd::serve(listener, client, args.read_only, shutdown)
+        let clients = basalt_client_nbd::Clients::default();
+        // Report connected clients to the monitors every 2 s (shown by
+        // `basalt status`).
+        let reporter = MonClient::from_list(&mon)?;
+        let (listed, addr, stop) = (clients.clone(), args.listen.to_string(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let request = basalt_proto::monitor::GatewayReportRequest {
+                    addr: addr.clone(),
+                    clients: listed
+                        .list()
+                        .into_iter()
+                        .map(|(peer, export)| basalt_proto::monitor::GatewayClient { peer, export })
+                        .collect(),
+                };
+                let sent = reporter
+                    .call(|mut c| {
+                        let request = request.clone();
+                        async move { c.gateway_report(request).await }
+                    })
+                    .await;
+                if let Err(e) = sent {
+                    tracing::debug!("gateway report failed: {e}");
+                }
+            }
+        });
+        basalt_client_nbd::serve(listener, client, args.read_only, clients, shutdown)
             .await
             .context("serve NBD")?;
         Ok::<(), GatewayError>(())

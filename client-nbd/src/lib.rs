@@ -98,6 +98,53 @@ const ENOTSUP: u32 = 95;
 const MAX_REQUEST_BYTES: u32 = 32 << 20;
 const BLOCK: u32 = 4096;
 
+/// The clients connected to a gateway: connection id -> (peer, export).
+#[derive(Clone, Default)]
+pub struct Clients {
+    inner: Arc<std::sync::Mutex<std::collections::BTreeMap<u64, (String, String)>>>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Clients {
+    /// Returns (peer, export) of every client in transmission.
+    pub fn list(&self) -> Vec<(String, String)> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn add(&self, peer: String, export: String) -> ClientGuard {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (peer, export));
+        ClientGuard {
+            clients: self.clone(),
+            id,
+        }
+    }
+}
+
+/// Removes a client from the list when its connection ends.
+struct ClientGuard {
+    clients: Clients,
+    id: u64,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.clients
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
 /// Errors that end a connection (not a request: those get an NBD error).
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
@@ -113,6 +160,7 @@ pub async fn serve(
     listener: TcpListener,
     client: Arc<BlockClient>,
     read_only: bool,
+    clients: Clients,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     loop {
@@ -121,11 +169,11 @@ pub async fn serve(
             accepted = listener.accept() => accepted?,
         };
         let _ = stream.set_nodelay(true);
-        let (client, shutdown) = (client.clone(), shutdown.clone());
+        let (client, shutdown, clients) = (client.clone(), shutdown.clone(), clients.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                result = connection(stream, client, read_only) => match result {
+                result = connection(stream, client, read_only, peer.to_string(), clients) => match result {
                     Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
                     Err(e) => tracing::warn!(%peer, "NBD connection closed: {e}"),
                 },
@@ -179,6 +227,8 @@ async fn connection(
     mut stream: TcpStream,
     client: Arc<BlockClient>,
     read_only: bool,
+    peer: String,
+    clients: Clients,
 ) -> Result<(), NbdError> {
     let mut hello = BytesMut::with_capacity(18);
     hello.put_u64(NBDMAGIC);
@@ -348,6 +398,7 @@ async fn connection(
             }
         }
     };
+    let _listed = clients.add(peer, volume.name.clone());
     transmission(stream, volume, structured, allocation_context, read_only).await
 }
 

@@ -40,7 +40,12 @@ pub struct MonitorNode {
     balanced_at_ms: Mutex<Option<u64>>,
     /// How often the leader runs the balancer. Default 10 s.
     pub balance_interval_ms: u64,
+    /// NBD gateways' last reports: address -> (clients, when, in `now_ms`).
+    gateways: Mutex<BTreeMap<String, (Vec<pb::GatewayClient>, u64)>>,
 }
+
+/// Gateways silent for longer than this drop out of `status`.
+const GATEWAY_REPORT_EXPIRY_MS: u64 = 10_000;
 
 impl From<CommandError> for Status {
     fn from(error: CommandError) -> Status {
@@ -72,6 +77,7 @@ impl MonitorNode {
             detector: Mutex::new(None),
             balanced_at_ms: Mutex::new(None),
             balance_interval_ms: 10_000,
+            gateways: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -90,7 +96,7 @@ impl MonitorNode {
         self.leader() == Some(self.id)
     }
 
-    fn not_leader(&self) -> Status {
+    pub fn not_leader(&self) -> Status {
         match self.leader().and_then(|id| self.members.get(&id)) {
             Some((name, addr)) => {
                 let mut status =
@@ -615,11 +621,46 @@ impl Monitor for MonitorService {
         }))
     }
 
+    async fn gateway_report(
+        &self,
+        request: Request<pb::GatewayReportRequest>,
+    ) -> Result<Response<pb::GatewayReportReply>, Status> {
+        if !self.node.is_leader() {
+            return Err(self.node.not_leader());
+        }
+        let request = request.into_inner();
+        if request.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "gateway address {:?} is not ip:port",
+                request.addr
+            )));
+        }
+        let now = self.node.now_ms();
+        let mut gateways = self.node.gateways.lock().unwrap_or_else(|e| e.into_inner());
+        gateways.insert(request.addr, (request.clients, now));
+        gateways.retain(|_, (_, at)| now.saturating_sub(*at) <= GATEWAY_REPORT_EXPIRY_MS);
+        Ok(Response::new(pb::GatewayReportReply {}))
+    }
+
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
         let map = self.node.shared.map();
+        let now = self.node.now_ms();
+        let gateways: Vec<pb::Gateway> = self
+            .node
+            .gateways
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, (_, at))| now.saturating_sub(*at) <= GATEWAY_REPORT_EXPIRY_MS)
+            .map(|(addr, (clients, at))| pb::Gateway {
+                addr: addr.clone(),
+                clients: clients.clone(),
+                last_report_ms: now.saturating_sub(*at),
+            })
+            .collect();
         let metrics = self.node.raft.metrics().borrow().clone();
         let leader = metrics.current_leader;
         Ok(Response::new(pb::StatusReply {
@@ -647,6 +688,7 @@ impl Monitor for MonitorService {
             pools: map.pools.len() as u32,
             volumes: map.volumes.len() as u32,
             health_warnings: health_warnings(&map, leader.is_some()),
+            gateways,
         }))
     }
 }

@@ -155,6 +155,32 @@ fn standard_clients_read_and_write_through_the_gateway() {
     let size = ok(&run("nbdinfo", &["--size", &node3]));
     assert_eq!(size.trim(), "134217728");
     assert!(gateway.is_running());
+
+    // A connected client shows in `basalt status` (gateways report every 2 s).
+    let mut holder = Command::new("/usr/bin/python3")
+        .args(["-m", "nbd", "-u", &uri, "-c", "import time; time.sleep(20)"])
+        .spawn()
+        .unwrap();
+    let mut seen = false;
+    for _ in 0..60 {
+        let out = basalt(&["--mon", &mons, "status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        seen = status["gateways"].as_array().is_some_and(|gateways| {
+            gateways.iter().any(|g| {
+                g["addr"] == nbd_addr.as_str()
+                    && g["clients"]
+                        .as_array()
+                        .is_some_and(|c| c.iter().any(|c| c["export"] == "disk"))
+            })
+        });
+        if seen {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(seen, "status never listed the connected NBD client");
     gateway.kill();
 
     // A read-only gateway: the flag is advertised and writes get EPERM.
