@@ -327,3 +327,47 @@ impl Drop for DevCluster {
         let _ = self.down();
     }
 }
+
+impl DevCluster {
+    /// Returns (kind, name, pid) of every process the cluster started.
+    pub fn processes(&self) -> Vec<(String, String, u32)> {
+        self.record()["daemons"]
+            .as_array()
+            .map(|daemons| {
+                daemons
+                    .iter()
+                    .map(|d| {
+                        (
+                            d["kind"].as_str().unwrap_or_default().to_string(),
+                            d["name"].as_str().unwrap_or_default().to_string(),
+                            d["pid"].as_u64().unwrap_or(0) as u32,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Creates a 1 GiB volume `name` in pool `rbd`.
+pub async fn create_volume(
+    mon: &basalt_monitor::MonClient,
+    name: &str,
+) -> Result<(), basalt_monitor::MonClientError> {
+    let name = name.to_string();
+    mon.call(|mut c| {
+        let name = name.clone();
+        async move {
+            c.create_volume(basalt_proto::monitor::CreateVolumeRequest {
+                name,
+                pool: "rbd".into(),
+                size_bytes: 1 << 30,
+                object_size_bytes: 0,
+                home: String::new(),
+            })
+            .await
+        }
+    })
+    .await
+    .map(|_| ())
+}

@@ -23,17 +23,6 @@ use rand_chacha::ChaCha8Rng;
 
 const MIB: u64 = 1 << 20;
 
-fn pids(dir: &Path) -> Vec<u32> {
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
-    record["daemons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["pid"].as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
@@ -148,7 +137,11 @@ async fn replicated_volume_round_trip_and_restart() {
     assert!(osds.iter().all(|o| o["up"] == true && o["in"] == true));
 
     // Stop everything: no process may be left.
-    let before = pids(dir.path());
+    let before: Vec<u32> = cluster
+        .processes()
+        .into_iter()
+        .map(|(_, _, pid)| pid)
+        .collect();
     cluster.down().unwrap();
     for pid in &before {
         assert!(!alive(*pid), "pid {pid} survived dev down");

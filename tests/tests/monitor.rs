@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use basalt_monitor::MonClient;
 use basalt_placement::ClusterMap;
 use basalt_proto::monitor as pb;
-use basalt_tests::{Monitors, wait_for};
+use basalt_tests::{Monitors, create_volume, wait_for};
 use tonic::Code;
 
 /// Errors monitors may log while peers are killed on purpose.
@@ -53,25 +53,6 @@ async fn create_pool(mon: &MonClient) {
     })
     .await
     .unwrap();
-}
-
-async fn create_volume(mon: &MonClient, name: &str) -> Result<(), basalt_monitor::MonClientError> {
-    let name = name.to_string();
-    mon.call(|mut c| {
-        let name = name.clone();
-        async move {
-            c.create_volume(pb::CreateVolumeRequest {
-                name,
-                pool: "rbd".into(),
-                size_bytes: 1 << 30,
-                object_size_bytes: 0,
-                home: String::new(),
-            })
-            .await
-        }
-    })
-    .await
-    .map(|_| ())
 }
 
 async fn volume_names(mon: &MonClient) -> Vec<String> {

@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -243,7 +242,6 @@ fn standard_clients_read_and_write_through_the_gateway() {
 #[test]
 fn osd_killed_under_fio_loses_nothing() {
     let cluster = DevCluster::up("1G").unwrap();
-    let dir = &cluster.dir;
     let nbd_port = cluster.nbd_port;
     let mons = cluster.mon_list();
     ok(&basalt(&[
@@ -283,7 +281,12 @@ fn osd_killed_under_fio_loses_nothing() {
         fio.try_wait().unwrap().is_none(),
         "fio finished before the kill; make it write more"
     );
-    let victim = record_osd_pid(dir.path(), 2);
+    let victim = cluster
+        .processes()
+        .into_iter()
+        .find(|(kind, name, _)| kind == "osd" && name == "osd-node2-0")
+        .map(|(_, _, pid)| pid)
+        .unwrap();
     // SAFETY: SIGKILL to an OSD process this test started.
     unsafe { libc::kill(victim as i32, libc::SIGKILL) };
     let done = fio.wait_with_output().unwrap();
@@ -296,18 +299,6 @@ fn osd_killed_under_fio_loses_nothing() {
     let verify = run_owned("fio", &fio_args(&["--verify_only"]));
     let text = ok(&verify);
     assert!(!text.contains("verify: bad"), "{text}");
-}
-
-fn record_osd_pid(dir: &Path, node: usize) -> u32 {
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
-    record["daemons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["kind"] == "osd" && d["name"] == format!("osd-node{node}-0"))
-        .map(|d| d["pid"].as_u64().unwrap() as u32)
-        .unwrap()
 }
 
 fn run_owned(program: &str, args: &[String]) -> std::process::Output {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use basalt_monitor::MonClient;
 use basalt_proto::monitor as pb;
-use basalt_tests::Monitors;
+use basalt_tests::{Monitors, create_volume};
 use clap::Parser;
 use serde::Serialize;
 
@@ -81,24 +81,6 @@ async fn leader(mon: &MonClient, addrs: &[String]) -> anyhow::Result<usize> {
     anyhow::bail!("no leader elected")
 }
 
-async fn create_volume(mon: &MonClient, name: String) -> anyhow::Result<()> {
-    mon.call(|mut c| {
-        let name = name.clone();
-        async move {
-            c.create_volume(pb::CreateVolumeRequest {
-                name,
-                pool: "rbd".into(),
-                size_bytes: 1 << 30,
-                object_size_bytes: 0,
-                home: String::new(),
-            })
-            .await
-        }
-    })
-    .await?;
-    Ok(())
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -131,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
-                if create_volume(&mon, format!("c{client}-{n}")).await.is_ok() {
+                if create_volume(&mon, &format!("c{client}-{n}")).await.is_ok() {
                     committed.fetch_add(1, Ordering::Relaxed);
                 }
                 n += 1;
@@ -149,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
     let mut attempt = 0u64;
     loop {
         attempt += 1;
-        if create_volume(&mon, format!("failover-{attempt}"))
+        if create_volume(&mon, &format!("failover-{attempt}"))
             .await
             .is_ok()
         {
