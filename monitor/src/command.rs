@@ -118,15 +118,15 @@ pub type CommandResult = Result<Reply, CommandError>;
 /// Applies `command` to `map`. On success the epoch has advanced by one
 /// (unless the command was a no-op, which replies with the current epoch).
 pub fn apply(map: &mut ClusterMap, command: &Command) -> CommandResult {
-    let before = map.clone();
+    // `map` itself stays the "before" state until the change is complete.
     let mut next = map.clone();
     let reply = apply_to(&mut next, command)?;
-    if next == before {
+    if next == *map {
         return Ok(reply_with_epoch(reply, map.epoch));
     }
     next.epoch = Epoch(map.epoch.0 + 1);
     if changes_topology(command) {
-        plan_transition(&before, &mut next);
+        plan_transition(map, &mut next);
     }
     *map = next;
     Ok(reply_with_epoch(reply, map.epoch))

@@ -126,10 +126,7 @@ impl OsdService {
     }
 
     fn stripe(&self, key: &ObjectKey) -> usize {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut hasher);
-        hasher.finish() as usize % ORDER_STRIPES
+        crate::store::keys::stripe_of(key, ORDER_STRIPES)
     }
 
     /// Answers one request frame.

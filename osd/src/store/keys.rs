@@ -36,6 +36,15 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+/// Returns which of `stripes` lock stripes guards `key`: unrelated objects
+/// rarely share one.
+pub fn stripe_of(key: &ObjectKey, stripes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish() as usize % stripes
+}
+
 /// Encodes the key prefix shared by every object of `pg`.
 pub fn pg_prefix(pg: PgId) -> [u8; PG_KEY_BYTES] {
     let mut out = [0u8; PG_KEY_BYTES];

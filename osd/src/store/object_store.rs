@@ -33,7 +33,7 @@ use super::allocator::{Allocator, Run};
 use super::buffer::{BLOCK_BYTES, LARGE_BUFFER_BYTES};
 use super::device::BlockDevice;
 use super::error::StoreError;
-use super::keys::{BlockEntry, ObjectInfo, ObjectKey, block_key, object_key};
+use super::keys::{BlockEntry, ObjectInfo, ObjectKey, block_key, object_key, stripe_of};
 use super::meta::{MetaOp, MetaStore, STORE_FORMAT_VERSION, Superblock};
 use super::uring::{UringConfig, UringDevice};
 
@@ -339,10 +339,7 @@ impl<D: BlockDevice> ObjectStore<D> {
     }
 
     fn stripe(&self, key: &ObjectKey) -> usize {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut hasher);
-        hasher.finish() as usize % LOCK_STRIPES
+        stripe_of(key, LOCK_STRIPES)
     }
 
     fn lock(&self, key: &ObjectKey) -> &RwLock<()> {
