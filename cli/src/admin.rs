@@ -76,6 +76,26 @@ pub enum VolumeCommand {
         #[arg(long, default_value = "")]
         pool: String,
     },
+    /// Attach a volume to a kernel block device (/dev/nbdX) through a
+    /// node's NBD gateway; needs the kernel's nbd module.
+    Map {
+        name: String,
+        #[arg(long, default_value = "")]
+        pool: String,
+        /// The NBD gateway to attach through (this node's).
+        #[arg(long, default_value = "127.0.1.1:10809")]
+        nbd: std::net::SocketAddr,
+        /// Use /dev/nbdN (default: the first free device).
+        #[arg(long)]
+        device: Option<u32>,
+    },
+    /// Detach a volume's /dev/nbdX (by volume name or device path).
+    Unmap {
+        /// Volume name, or a device such as /dev/nbd0.
+        target: String,
+        #[arg(long, default_value = "")]
+        pool: String,
+    },
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -379,5 +399,50 @@ pub fn volume(mon: &MonClient, command: VolumeCommand, as_json: bool) -> anyhow:
             }
             Ok(())
         }
+        VolumeCommand::Map {
+            name,
+            pool,
+            nbd,
+            device,
+        } => {
+            let export = export_name(&pool, &name);
+            let index = basalt_client_nbd::kernel::map(nbd, &export, device)
+                .with_context(|| format!("map volume {export}"))?;
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"volume": export, "device": format!("/dev/nbd{index}"), "gateway": nbd.to_string()})
+                );
+            } else {
+                println!("mapped volume {export} at /dev/nbd{index} (through gateway {nbd})");
+            }
+            Ok(())
+        }
+        VolumeCommand::Unmap { target, pool } => {
+            let index = match target.strip_prefix("/dev/nbd") {
+                Some(index) => index
+                    .parse::<u32>()
+                    .with_context(|| format!("{target} is not an nbd device"))?,
+                None => basalt_client_nbd::kernel::find_mapped(&export_name(&pool, &target))?,
+            };
+            basalt_client_nbd::kernel::unmap(index)
+                .with_context(|| format!("unmap /dev/nbd{index}"))?;
+            if as_json {
+                println!("{}", json!({"unmapped": format!("/dev/nbd{index}")}));
+            } else {
+                println!("unmapped /dev/nbd{index}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Returns the NBD export name of a volume: `name` in pool `rbd` (or no
+/// pool given), `pool/name` otherwise.
+fn export_name(pool: &str, name: &str) -> String {
+    if pool.is_empty() || pool == "rbd" {
+        name.to_string()
+    } else {
+        format!("{pool}/{name}")
     }
 }

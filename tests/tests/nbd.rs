@@ -9,26 +9,9 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
-use basalt_tests::{Daemon, DevCluster, basalt, free_port};
+use basalt_tests::{DevCluster, basalt, must_reach_nbd, must_run, must_succeed, start_gateway};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn run(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed (scripts/install-deps.sh): {e}"))
-}
-
-fn ok(output: &std::process::Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 #[test]
 fn standard_clients_read_and_write_through_the_gateway() {
@@ -36,34 +19,19 @@ fn standard_clients_read_and_write_through_the_gateway() {
     let dir = &cluster.dir;
     let dev_nbd_port = cluster.nbd_port;
     let mons = cluster.mon_list();
-    ok(&basalt(&[
+    must_succeed(&basalt(&[
         "--mon", &mons, "volume", "create", "disk", "--size", "128M",
     ]));
-    let nbd_addr = format!("127.0.1.2:{}", free_port("127.0.1.2"));
-    let mut gateway = Daemon::start(
-        "nbd",
-        vec![
-            "--mon".into(),
-            mons.clone(),
-            "nbd".into(),
-            "--listen".into(),
-            nbd_addr.clone(),
-        ],
-        dir.path().join("nbd.log"),
-    )
-    .unwrap();
+    let (mut gateway, nbd_addr) =
+        start_gateway(dir.path(), "nbd", &mons, "127.0.1.2", &[]).unwrap();
     let uri = format!("nbd://{nbd_addr}/disk");
-    let mut listed = String::new();
-    for _ in 0..100 {
-        let out = run("nbdinfo", &["--list", &format!("nbd://{nbd_addr}")]);
-        if out.status.success() {
-            listed = String::from_utf8_lossy(&out.stdout).into_owned();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    must_reach_nbd(&uri);
+    let listed = must_succeed(&must_run(
+        "nbdinfo",
+        &["--list", &format!("nbd://{nbd_addr}")],
+    ));
     assert!(listed.contains("export=\"disk\""), "{listed}");
-    let info = ok(&run("nbdinfo", &[&uri]));
+    let info = must_succeed(&must_run("nbdinfo", &[&uri]));
     assert!(info.contains("export-size: 134217728"), "{info}");
     assert!(
         info.contains("can_flush: true") && info.contains("can_fua: true"),
@@ -76,8 +44,8 @@ fn standard_clients_read_and_write_through_the_gateway() {
     let input = dir.path().join("in.bin");
     let output = dir.path().join("out.bin");
     std::fs::write(&input, &data).unwrap();
-    ok(&run("nbdcopy", &[input.to_str().unwrap(), &uri]));
-    ok(&run("nbdcopy", &[&uri, output.to_str().unwrap()]));
+    must_succeed(&must_run("nbdcopy", &[input.to_str().unwrap(), &uri]));
+    must_succeed(&must_run("nbdcopy", &[&uri, output.to_str().unwrap()]));
     let back = std::fs::read(&output).unwrap();
     assert!(
         back[..data.len()] == data[..],
@@ -87,7 +55,7 @@ fn standard_clients_read_and_write_through_the_gateway() {
         back[data.len()..].iter().all(|b| *b == 0),
         "the unwritten tail is a hole"
     );
-    let compare = ok(&run(
+    let compare = must_succeed(&must_run(
         "qemu-img",
         &[
             "compare",
@@ -103,7 +71,7 @@ fn standard_clients_read_and_write_through_the_gateway() {
 
     // Odd offsets and lengths past the copied data (qemu-io
     // read-modify-writes around 4 KiB blocks); neighbours stay zero.
-    let io = ok(&run(
+    let io = must_succeed(&must_run(
         "qemu-io",
         &[
             "-f",
@@ -120,7 +88,7 @@ fn standard_clients_read_and_write_through_the_gateway() {
     assert!(!io.contains("Pattern verification failed"), "{io}");
 
     // BLOCK_STATUS (structured replies, base:allocation) tells data from holes.
-    let map = ok(&run("nbdinfo", &["--map", &uri]));
+    let map = must_succeed(&must_run("nbdinfo", &["--map", &uri]));
     let extents: Vec<Vec<&str>> = map
         .lines()
         .map(|l| l.split_whitespace().collect())
@@ -138,7 +106,7 @@ fn standard_clients_read_and_write_through_the_gateway() {
 
     // An unknown export is refused cleanly; garbage closes only its own
     // connection; the gateway keeps serving.
-    let missing = run("nbdinfo", &[&format!("nbd://{nbd_addr}/nope")]);
+    let missing = must_run("nbdinfo", &[&format!("nbd://{nbd_addr}/nope")]);
     assert!(!missing.status.success());
     let mut raw = std::net::TcpStream::connect(&nbd_addr).unwrap();
     let mut hello = [0u8; 18];
@@ -147,11 +115,11 @@ fn standard_clients_read_and_write_through_the_gateway() {
     let mut rest = Vec::new();
     raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = raw.read_to_end(&mut rest);
-    let info = ok(&run("nbdinfo", &["--size", &uri]));
+    let info = must_succeed(&must_run("nbdinfo", &["--size", &uri]));
     assert_eq!(info.trim(), "134217728");
     // The gateway `dev up` started on node 3 serves the same volume.
     let node3 = format!("nbd://127.0.1.3:{dev_nbd_port}/disk");
-    let size = ok(&run("nbdinfo", &["--size", &node3]));
+    let size = must_succeed(&must_run("nbdinfo", &["--size", &node3]));
     assert_eq!(size.trim(), "134217728");
     assert!(gateway.is_running());
 
@@ -183,35 +151,15 @@ fn standard_clients_read_and_write_through_the_gateway() {
     gateway.kill();
 
     // A read-only gateway: the flag is advertised and writes get EPERM.
-    let ro_addr = format!("127.0.1.3:{}", free_port("127.0.1.3"));
-    let _read_only = Daemon::start(
-        "nbd-ro",
-        vec![
-            "--mon".into(),
-            mons.clone(),
-            "nbd".into(),
-            "--read-only".into(),
-            "--listen".into(),
-            ro_addr.clone(),
-        ],
-        dir.path().join("nbd-ro.log"),
-    )
-    .unwrap();
+    let (_read_only, ro_addr) =
+        start_gateway(dir.path(), "nbd-ro", &mons, "127.0.1.3", &["--read-only"]).unwrap();
     let ro_uri = format!("nbd://{ro_addr}/disk");
-    let mut info = String::new();
-    for _ in 0..100 {
-        let out = run("nbdinfo", &[&ro_uri]);
-        if out.status.success() {
-            info = String::from_utf8_lossy(&out.stdout).into_owned();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let info = must_reach_nbd(&ro_uri);
     assert!(info.contains("is_read_only: true"), "{info}");
     // nbdsh is `python3 -m nbd`; Debian's python3 has the binding (the one
     // first on PATH may not). Strict mode off, so libnbd sends the write and
     // the gateway itself must refuse it.
-    let write = run(
+    let write = must_run(
         "/usr/bin/python3",
         &[
             "-m",
@@ -231,7 +179,7 @@ fn standard_clients_read_and_write_through_the_gateway() {
         stderr.contains("command failed: Operation not permitted"),
         "expected the gateway's EPERM, got: {stderr}"
     );
-    let read = ok(&run("nbdinfo", &["--size", &ro_uri]));
+    let read = must_succeed(&must_run("nbdinfo", &["--size", &ro_uri]));
     assert_eq!(read.trim(), "134217728");
 }
 
@@ -244,7 +192,7 @@ fn osd_killed_under_fio_loses_nothing() {
     let cluster = DevCluster::up("1G").unwrap();
     let nbd_port = cluster.nbd_port;
     let mons = cluster.mon_list();
-    ok(&basalt(&[
+    must_succeed(&basalt(&[
         "--mon", &mons, "volume", "create", "fio", "--size", "64M",
     ]));
     let uri = format!("nbd://127.0.1.1:{nbd_port}/fio");
@@ -261,6 +209,7 @@ fn osd_killed_under_fio_loses_nothing() {
             "--offset_increment=32M",
             "--verify=crc32c",
             "--randrepeat=1",
+            "--verify_state_save=0",
             "--group_reporting",
         ]
         .iter()
@@ -296,14 +245,62 @@ fn osd_killed_under_fio_loses_nothing() {
         String::from_utf8_lossy(&done.stdout),
         String::from_utf8_lossy(&done.stderr)
     );
-    let verify = run_owned("fio", &fio_args(&["--verify_only"]));
-    let text = ok(&verify);
+    let verify = must_run("fio", &fio_args(&["--verify_only"]));
+    let text = must_succeed(&verify);
     assert!(!text.contains("verify: bad"), "{text}");
 }
 
-fn run_owned(program: &str, args: &[String]) -> std::process::Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed (scripts/install-deps.sh): {e}"))
+/// `basalt volume map` attaches a volume to /dev/nbdX through the kernel's
+/// netlink interface. Where the nbd module is loaded the device is written
+/// and the bytes read back through the gateway; where it is missing (our
+/// test machines) both commands fail with a message that says so.
+#[test]
+fn volume_map_attaches_the_kernel_client_or_says_why_not() {
+    if !std::path::Path::new("/sys/module/nbd").exists() {
+        let map = basalt(&["volume", "map", "vm1", "--nbd", "127.0.1.1:1"]);
+        let stderr = String::from_utf8_lossy(&map.stderr);
+        assert!(!map.status.success());
+        assert!(
+            stderr.contains("nbd driver is not available") && stderr.contains("modprobe nbd"),
+            "{stderr}"
+        );
+        let unmap = basalt(&["volume", "unmap", "/dev/nbd0"]);
+        assert!(!unmap.status.success());
+        assert!(String::from_utf8_lossy(&unmap.stderr).contains("modprobe nbd"));
+        let unmap = basalt(&["volume", "unmap", "/dev/nbdx"]);
+        assert!(String::from_utf8_lossy(&unmap.stderr).contains("not an nbd device"));
+        return;
+    }
+    let cluster = DevCluster::up("1G").unwrap();
+    let mons = cluster.mon_list();
+    must_succeed(&basalt(&[
+        "--mon", &mons, "volume", "create", "kernel", "--size", "64M",
+    ]));
+    let gateway = format!("127.0.1.1:{}", cluster.nbd_port);
+    let mapped = must_succeed(&basalt(&[
+        "--json", "volume", "map", "kernel", "--nbd", &gateway,
+    ]));
+    let mapped: serde_json::Value = serde_json::from_str(&mapped).unwrap();
+    let device = mapped["device"].as_str().unwrap().to_string();
+    let mut data = vec![0u8; 1 << 20];
+    ChaCha8Rng::seed_from_u64(11).fill_bytes(&mut data);
+    let input = cluster.dir.path().join("in.bin");
+    std::fs::write(&input, &data).unwrap();
+    must_succeed(&must_run(
+        "dd",
+        &[
+            &format!("if={}", input.display()),
+            &format!("of={device}"),
+            "bs=1M",
+            "oflag=direct",
+            "conv=fsync",
+        ],
+    ));
+    must_succeed(&basalt(&["volume", "unmap", "kernel"]));
+    let output = cluster.dir.path().join("out.bin");
+    must_succeed(&must_run(
+        "nbdcopy",
+        &[&format!("nbd://{gateway}/kernel"), output.to_str().unwrap()],
+    ));
+    assert!(std::fs::read(&output).unwrap()[..data.len()] == data[..]);
 }

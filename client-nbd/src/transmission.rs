@@ -1,0 +1,295 @@
+//! The transmission phase of one connection: requests are read in order,
+//! run concurrently against the cluster and answered out of order.
+//!
+//! Bounds: at most `MAX_REQUESTS_IN_FLIGHT` requests and
+//! `MAX_BYTES_IN_FLIGHT` bytes of payload (writes read, reads produced) per
+//! connection; when either is reached the gateway stops reading from the
+//! socket, so a client that floods requests is slowed, not served out of
+//! memory. Replies go through one writer task that batches small replies into
+//! one send when several are ready.
+
+use std::sync::Arc;
+
+use basalt_client::{ClientError, Volume};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::NbdError;
+use crate::negotiation::{BLOCK_BYTES, MAX_PAYLOAD_BYTES, Session};
+use crate::protocol::*;
+
+/// Requests one connection may have in flight (QEMU keeps up to 16, fio
+/// iodepth at most a few hundred).
+const MAX_REQUESTS_IN_FLIGHT: u32 = 256;
+/// Payload bytes one connection may have in flight, in 4 KiB units.
+const MAX_BYTES_IN_FLIGHT: u32 = 128 << 20;
+
+/// Largest slice of a TRIM or WRITE_ZEROES run at once.
+const EFFECT_SLICE_BYTES: u64 = 1 << 30;
+
+/// Flags each command may carry; anything else is EINVAL.
+fn allowed_flags(command: u16) -> u16 {
+    match command {
+        CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_READ => CMD_FLAG_DF,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+        _ => 0,
+    }
+}
+
+fn errno(error: &ClientError) -> u32 {
+    match error {
+        ClientError::Invalid(_) => EINVAL,
+        ClientError::NoSpace => ENOSPC,
+        _ => EIO,
+    }
+}
+
+struct Reply {
+    cookie: u64,
+    offset: u64,
+    outcome: Outcome,
+    /// Released once the reply is on the wire.
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+}
+
+/// Serves requests until the client disconnects or breaks the protocol.
+pub async fn transmission<S>(stream: S, session: Session, read_only: bool) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let Session {
+        volume,
+        style,
+        allocation_context,
+        ..
+    } = session;
+    let (reader, writer) = tokio::io::split(stream);
+    let mut reader = BufReader::with_capacity(256 * 1024, reader);
+    let (replies, mut outgoing) = mpsc::unbounded_channel::<Reply>();
+    let writer_task = tokio::spawn(async move {
+        let mut writer = BufWriter::with_capacity(256 * 1024, writer);
+        while let Some(reply) = outgoing.recv().await {
+            let mut next = Some(reply);
+            // Write every reply that is ready, then flush once.
+            while let Some(reply) = next.take() {
+                let (head, data) = encode_reply(style, reply.cookie, reply.offset, reply.outcome);
+                if writer.write_all(&head).await.is_err() {
+                    return;
+                }
+                if let Some(data) = data
+                    && writer.write_all(&data).await.is_err()
+                {
+                    return;
+                }
+                next = outgoing.try_recv().ok();
+            }
+            if writer.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let requests = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT as usize));
+    let bytes = Arc::new(Semaphore::new((MAX_BYTES_IN_FLIGHT / BLOCK_BYTES) as usize));
+    let mut header = vec![0u8; style.request_header_len()];
+    let result = loop {
+        match reader.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e.into()),
+        }
+        let request = match Request::parse(style, &header) {
+            Ok(request) => request,
+            Err(e) => break Err(NbdError::Protocol(e.to_string())),
+        };
+        if request.command == CMD_DISC {
+            break Ok(());
+        }
+        if request.payload_len > u64::from(MAX_PAYLOAD_BYTES) {
+            // We advertised the maximum; the payload cannot be skipped cheaply.
+            break Err(NbdError::Protocol(format!(
+                "payload of {} bytes (maximum {MAX_PAYLOAD_BYTES})",
+                request.payload_len
+            )));
+        }
+        let Ok(slot) = requests.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        // Reads produce and writes carry data: both count against the byte
+        // budget (at least one unit so a zero-length request still counts).
+        let data_len = match request.command {
+            CMD_READ => request.length.min(u64::from(MAX_PAYLOAD_BYTES)),
+            _ => request.payload_len,
+        };
+        let units = data_len.div_ceil(u64::from(BLOCK_BYTES)).max(1) as u32;
+        let Ok(budget) = bytes.clone().acquire_many_owned(units).await else {
+            break Ok(());
+        };
+        let mut payload = Vec::new();
+        if request.payload_len > 0 {
+            payload = vec![0u8; request.payload_len as usize];
+            if let Err(e) = reader.read_exact(&mut payload).await {
+                break Err(e.into());
+            }
+        }
+        let (volume, replies) = (volume.clone(), replies.clone());
+        tokio::spawn(async move {
+            let outcome = match execute(
+                &volume,
+                style,
+                allocation_context,
+                read_only,
+                &request,
+                payload,
+            )
+            .await
+            {
+                Ok(outcome) => outcome,
+                Err(error) => Outcome::Error(error),
+            };
+            let _ = replies.send(Reply {
+                cookie: request.cookie,
+                offset: request.offset,
+                outcome,
+                _permits: (slot, Some(budget)),
+            });
+        });
+    };
+    drop(replies);
+    let _ = writer_task.await;
+    result
+}
+
+/// Checks and runs one request; returns its outcome or an NBD errno.
+async fn execute(
+    volume: &Volume,
+    style: HeaderStyle,
+    allocation_context: bool,
+    read_only: bool,
+    request: &Request,
+    payload: Vec<u8>,
+) -> Result<Outcome, u32> {
+    let Request {
+        flags,
+        command,
+        offset,
+        length,
+        payload_len,
+        ..
+    } = *request;
+    let known = matches!(
+        command,
+        CMD_READ
+            | CMD_WRITE
+            | CMD_FLUSH
+            | CMD_TRIM
+            | CMD_CACHE
+            | CMD_WRITE_ZEROES
+            | CMD_BLOCK_STATUS
+    );
+    if !known {
+        return Err(EINVAL);
+    }
+    // PAYLOAD_LEN is only meaningful for commands that take a payload; we
+    // offer none beyond WRITE (NBD_FLAG_BLOCK_STAT_PAYLOAD is not advertised).
+    let flags = flags & !CMD_FLAG_PAYLOAD_LEN;
+    if flags & !allowed_flags(command) != 0 || (command != CMD_WRITE && payload_len > 0) {
+        return Err(EINVAL);
+    }
+    if read_only && matches!(command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+        return Err(EPERM);
+    }
+    if command == CMD_FLUSH {
+        // Every acknowledged write is already durable on every copy.
+        return if offset == 0 && length == 0 {
+            Ok(Outcome::Done)
+        } else {
+            Err(EINVAL)
+        };
+    }
+    let in_range = offset
+        .checked_add(length)
+        .is_some_and(|end| end <= volume.size_bytes);
+    if !in_range {
+        return Err(EINVAL);
+    }
+    if command == CMD_BLOCK_STATUS {
+        if !allocation_context || length == 0 {
+            return Err(EINVAL);
+        }
+        let runs = volume
+            .allocation(offset, length)
+            .await
+            .map_err(|e| errno(&e))?;
+        let mut extents: Vec<(u64, u32)> = runs
+            .into_iter()
+            .map(|(_, len, allocated)| {
+                let state = if allocated {
+                    0
+                } else {
+                    STATE_HOLE | STATE_ZERO
+                };
+                (len, state)
+            })
+            .collect();
+        if flags & CMD_FLAG_REQ_ONE != 0 {
+            extents.truncate(1);
+        }
+        // `allocation` covers at most one object, so lengths fit 32 bits
+        // for compact headers.
+        debug_assert!(
+            style == HeaderStyle::Extended || extents.iter().all(|(l, _)| *l <= u32::MAX as u64)
+        );
+        return Ok(Outcome::Extents(extents));
+    }
+    let aligned = offset % u64::from(BLOCK_BYTES) == 0 && length % u64::from(BLOCK_BYTES) == 0;
+    if !aligned {
+        return Err(EINVAL);
+    }
+    match command {
+        CMD_READ => {
+            if length > u64::from(MAX_PAYLOAD_BYTES) {
+                // The protocol's answer to a read above the advertised maximum.
+                return Err(if style == HeaderStyle::Simple {
+                    EINVAL
+                } else {
+                    EOVERFLOW
+                });
+            }
+            volume
+                .read(offset, length)
+                .await
+                .map(Outcome::Data)
+                .map_err(|e| errno(&e))
+        }
+        CMD_WRITE => volume
+            .write(offset, &payload)
+            .await
+            .map(|()| Outcome::Done)
+            .map_err(|e| errno(&e)),
+        // No client-side cache to warm.
+        CMD_CACHE => Ok(Outcome::Done),
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            // With extended headers one request may cover the whole volume:
+            // run it a slice at a time so it never fans out into more than
+            // `EFFECT_SLICE_BYTES / object size` object operations at once.
+            let mut position = offset;
+            let end = offset + length;
+            while position < end {
+                let take = (end - position).min(EFFECT_SLICE_BYTES);
+                let done = if command == CMD_TRIM {
+                    volume.discard(position, take).await
+                } else {
+                    volume
+                        .write_zeroes(position, take, flags & CMD_FLAG_NO_HOLE != 0)
+                        .await
+                };
+                done.map_err(|e| errno(&e))?;
+                position += take;
+            }
+            Ok(Outcome::Done)
+        }
+        _ => Err(ENOTSUP),
+    }
+}
