@@ -123,9 +123,19 @@ pub fn pg_ls(mon: &str, pool: &str, as_json: bool) -> anyhow::Result<()> {
         for (pool_id, pg_count) in pools {
             for seed in 0..pg_count {
                 let pg = PgId::new(pool_id, seed);
-                let (state, members) = pg_state(&map, &placer, pg);
-                let objects = match client.pg_object_count(pg).await {
-                    Ok(count) => Some(count),
+                let (mut state, members) = pg_state(&map, &placer, pg);
+                let objects = match client.pg_stat(pg).await {
+                    Ok((count, phase)) => {
+                        // The primary's peering phase refines the map's view:
+                        // a PG is only active once its primary peered it.
+                        if phase != "active" && !phase.is_empty() {
+                            state = state.replacen("active", &phase, 1);
+                            if !state.contains(&phase) {
+                                state = format!("{phase}+{state}");
+                            }
+                        }
+                        Some(count)
+                    }
                     Err(e) => {
                         tracing::debug!("object count of {pg}: {e}");
                         None
@@ -151,5 +161,108 @@ pub fn pg_ls(mon: &str, pool: &str, as_json: bool) -> anyhow::Result<()> {
             table::print(&["PG", "ACTING", "PRIMARY", "STATE", "OBJECTS"], &rows);
         }
         Ok(())
+    })
+}
+
+/// Parses a PG as `pg ls` prints it: `POOL.SEED` (seed in hex), with
+/// `@HOST` for a homed PG.
+fn parse_pg(text: &str) -> anyhow::Result<PgId> {
+    let bad = || anyhow::anyhow!("{text:?} is not a PG (expected POOL.SEED, e.g. 0.1f)");
+    let (base, home) = match text.split_once('@') {
+        Some((base, home)) => (base, Some(home.parse::<u32>().map_err(|_| bad())?)),
+        None => (text, None),
+    };
+    let (pool, seed) = base.split_once('.').ok_or_else(bad)?;
+    Ok(PgId {
+        pool: basalt_placement::PoolId(pool.parse().map_err(|_| bad())?),
+        seed: u32::from_str_radix(seed, 16).map_err(|_| bad())?,
+        home: home.map(basalt_placement::HostId),
+    })
+}
+
+/// `basalt scrub PG|--all [--deep]`: each PG's primary compares its
+/// members' copies and repairs what differs. Exits non-zero if anything
+/// could not be repaired.
+pub fn scrub(
+    mon: &str,
+    pg: Option<String>,
+    all: bool,
+    deep: bool,
+    as_json: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    let rt = crate::daemon::runtime()?;
+    rt.block_on(async {
+        let client = fetch(mon).await?;
+        let map = client.map();
+        let pgs: Vec<PgId> = match (pg, all) {
+            (Some(pg), false) => {
+                let pg = parse_pg(&pg)?;
+                let pool = map
+                    .pools
+                    .get(&pg.pool)
+                    .ok_or_else(|| anyhow::anyhow!("no pool {} in the map", pg.pool.0))?;
+                anyhow::ensure!(
+                    pg.seed < pool.pg_count,
+                    "pool {} has {} PGs; {pg} is not one of them",
+                    pool.name,
+                    pool.pg_count
+                );
+                vec![pg]
+            }
+            (None, true) => map
+                .pools
+                .iter()
+                .flat_map(|(id, pool)| (0..pool.pg_count).map(|seed| PgId::new(*id, seed)))
+                .collect(),
+            _ => anyhow::bail!("name one PG or give --all"),
+        };
+        let mut reports = Vec::new();
+        let mut unrepaired = 0;
+        let (mut objects, mut mismatches) = (0, 0);
+        for (done, pg) in pgs.iter().enumerate() {
+            if !as_json && pgs.len() > 1 {
+                eprint!("\rscrubbing {}/{}", done + 1, pgs.len());
+            }
+            let report = client
+                .scrub_pg(*pg, deep)
+                .await
+                .map_err(|e| anyhow::anyhow!("scrub {pg}: {e}"))?;
+            unrepaired += report["unrepaired"].as_u64().unwrap_or(0);
+            objects += report["objects"].as_u64().unwrap_or(0);
+            mismatches += report["mismatches"].as_array().map_or(0, Vec::len);
+            reports.push(report);
+        }
+        if !as_json && pgs.len() > 1 {
+            eprintln!();
+        }
+        if as_json {
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+        } else {
+            let mut rows = Vec::new();
+            for report in &reports {
+                for mismatch in report["mismatches"].as_array().into_iter().flatten() {
+                    rows.push(vec![
+                        report["pg"].as_str().unwrap_or("?").to_string(),
+                        mismatch["object"].as_str().unwrap_or("?").to_string(),
+                        format!("osd.{}", mismatch["osd"]),
+                        mismatch["problem"].as_str().unwrap_or("?").to_string(),
+                        if mismatch["repaired"] == true { "yes" } else { "NO" }.to_string(),
+                    ]);
+                }
+            }
+            if !rows.is_empty() {
+                table::print(&["PG", "OBJECT", "OSD", "PROBLEM", "REPAIRED"], &rows);
+            }
+            println!(
+                "{} scrub of {} PGs: {objects} objects, {mismatches} mismatches, {unrepaired} unrepaired",
+                if deep { "deep" } else { "light" },
+                pgs.len()
+            );
+        }
+        Ok(if unrepaired > 0 {
+            std::process::ExitCode::FAILURE
+        } else {
+            std::process::ExitCode::SUCCESS
+        })
     })
 }

@@ -53,6 +53,18 @@ enum Command {
     /// Placement groups.
     #[command(subcommand)]
     Pg(PgCommand),
+    /// Compare the copies of placement groups and repair what differs.
+    Scrub {
+        /// The PG to scrub, as `pg ls` prints it (e.g. 0.1f).
+        pg: Option<String>,
+        /// Scrub every PG.
+        #[arg(long)]
+        all: bool,
+        /// Read and verify every block (a light scrub compares checksums
+        /// kept in metadata).
+        #[arg(long)]
+        deep: bool,
+    },
     /// Run the NBD gateway (volumes at nbd://ADDR/<volume>).
     Nbd(nbd::NbdArgs),
     /// A whole cluster on this machine, for trying, testing, benchmarking.
@@ -94,6 +106,7 @@ fn main() -> std::process::ExitCode {
         Command::Dev(DevCommand::Down(args)) => {
             dev::down(args).map(|()| std::process::ExitCode::SUCCESS)
         }
+        Command::Scrub { pg, all, deep } => cluster_admin::scrub(&cli.mon, pg, all, deep, cli.json),
         Command::Status => with_mon(&cli.mon, |mon| admin::status(mon, cli.json)),
         Command::Pool(command) => with_mon(&cli.mon, |mon| admin::pool(mon, command, cli.json)),
         Command::Volume(command) => with_mon(&cli.mon, |mon| admin::volume(mon, command, cli.json)),

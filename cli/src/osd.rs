@@ -37,6 +37,12 @@ pub struct OsdArgs {
     /// Placement weight.
     #[arg(long, default_value_t = 1.0)]
     weight: f64,
+    /// PGs peered and recovered at once.
+    #[arg(long, default_value_t = 2)]
+    recovery_max_active: usize,
+    /// Recovery bandwidth ceiling, e.g. 256M (per second).
+    #[arg(long, default_value = "256M")]
+    recovery_bytes_per_sec: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -113,6 +119,11 @@ fn run_daemon(args: OsdArgs, mon: &str) -> anyhow::Result<()> {
         size_bytes: parse_size(&args.size)?,
         weight: args.weight,
         heartbeat_interval_ms: 1_000,
+        recovery: basalt_osd::daemon::RecoveryConfig {
+            recovery_max_active: args.recovery_max_active.max(1),
+            recovery_bytes_per_sec_max: parse_size(&args.recovery_bytes_per_sec)?.max(1 << 20),
+            ..basalt_osd::daemon::RecoveryConfig::default()
+        },
     };
     crate::daemon::run_until_signal("OSD", |shutdown| basalt_osd::daemon::run(config, shutdown))
 }

@@ -249,8 +249,10 @@ impl BlockClient {
 }
 
 impl BlockClient {
-    /// Returns how many objects `pg`'s primary holds for it.
-    pub async fn pg_object_count(&self, pg: basalt_placement::PgId) -> Result<u64, ClientError> {
+    /// Returns how many objects `pg`'s primary holds for it and where its
+    /// peering stands there (`active`, `peering`, `recovering N/M`,
+    /// `incomplete: why`).
+    pub async fn pg_stat(&self, pg: basalt_placement::PgId) -> Result<(u64, String), ClientError> {
         let map = self.map();
         let header = OpHeader {
             object: ObjectRef {
@@ -276,7 +278,45 @@ impl BlockClient {
         }
         let mut count = [0u8; 8];
         count.copy_from_slice(&reply.payload[..8]);
-        Ok(u64::from_le_bytes(count))
+        let phase = String::from_utf8_lossy(&reply.payload[8..]).into_owned();
+        Ok((u64::from_le_bytes(count), phase))
+    }
+}
+
+impl BlockClient {
+    /// Asks `pg`'s primary to scrub it (`deep`: read and verify every
+    /// block) and repair what differs; returns the report as JSON.
+    pub async fn scrub_pg(
+        &self,
+        pg: basalt_placement::PgId,
+        deep: bool,
+    ) -> Result<serde_json::Value, ClientError> {
+        let map = self.map();
+        let header = OpHeader {
+            object: ObjectRef {
+                pg,
+                object: ObjectId {
+                    volume: VolumeId(0),
+                    index: 0,
+                },
+            },
+            offset: 0,
+            length: 0,
+            version: 0,
+            flags: if deep { basalt_wire::op::OP_DEEP } else { 0 },
+        };
+        let (primary, reply) = self
+            .send_to_primary(&map, header, Kind::PgScrub, &[])
+            .await?;
+        if reply.status != Status::Ok as u32 {
+            return Err(ClientError::Map(format!(
+                "{primary} could not scrub {pg}: {:?}: {}",
+                Status::from_u32(reply.status),
+                String::from_utf8_lossy(&reply.payload)
+            )));
+        }
+        serde_json::from_slice(&reply.payload)
+            .map_err(|e| ClientError::Map(format!("scrub report of {pg}: {e}")))
     }
 }
 

@@ -6,7 +6,11 @@
 //! - [`daemon`]: the `basalt osd` daemon: boot, heartbeats, map, and the
 //!   data plane with primary-copy replication.
 //!
-//! Peering, recovery and scrub come with the failure-handling work.
+//! - [`recovery`]: peering and recovery planning (pure), carried out by the
+//!   daemon's primary for every PG whose acting set changed.
+//!
+//! Scrub comes with the rest of the failure-handling work.
 
 pub mod daemon;
+pub mod recovery;
 pub mod store;

@@ -92,6 +92,26 @@ impl Daemon {
         }
     }
 
+    /// SIGTERMs the process (a graceful stop) and waits up to 10 s for it
+    /// to exit, then SIGKILLs it. Returns whether it exited on its own.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        // SAFETY: a signal to a child this harness started and has not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
     /// Returns the process id while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -238,18 +258,25 @@ pub struct DevCluster {
     pub osd_port: u16,
     pub nbd_port: u16,
     osd_size: String,
+    nodes: u32,
 }
 
 impl DevCluster {
     /// Starts a cluster whose OSDs have `osd_size` data files, and waits
     /// until it is healthy.
     pub fn up(osd_size: &str) -> anyhow::Result<DevCluster> {
+        DevCluster::up_nodes(3, osd_size)
+    }
+
+    /// Starts a cluster of `nodes` nodes (one OSD each).
+    pub fn up_nodes(nodes: u32, osd_size: &str) -> anyhow::Result<DevCluster> {
         let cluster = DevCluster {
             dir: tempfile::tempdir().context("temp dir")?,
             mon_port: free_port("127.0.1.1"),
             osd_port: free_port("127.0.1.1"),
             nbd_port: free_port("127.0.1.1"),
             osd_size: osd_size.to_string(),
+            nodes,
         };
         cluster.up_again()?;
         Ok(cluster)
@@ -269,7 +296,7 @@ impl DevCluster {
             "--dir",
             &dir,
             "--nodes",
-            "3",
+            &self.nodes.to_string(),
             "--osd-size",
             &self.osd_size,
             "--mon-port",
@@ -329,6 +356,20 @@ impl Drop for DevCluster {
 }
 
 impl DevCluster {
+    /// SIGKILLs the process named `name` (as in `cluster.json`, e.g.
+    /// `osd-node2-0`); returns its pid.
+    pub fn kill(&self, name: &str) -> u32 {
+        let pid = self
+            .processes()
+            .into_iter()
+            .find(|(_, n, _)| n == name)
+            .map(|(_, _, pid)| pid)
+            .unwrap_or_else(|| panic!("no process {name} in cluster.json"));
+        // SAFETY: SIGKILL to a daemon this cluster started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        pid
+    }
+
     /// Returns (kind, name, pid) of every process the cluster started.
     pub fn processes(&self) -> Vec<(String, String, u32)> {
         self.record()["daemons"]
@@ -370,4 +411,64 @@ pub async fn create_volume(
     })
     .await
     .map(|_| ())
+}
+
+/// Runs `program ARGS` to completion; panics if it cannot be started (the
+/// tools come from `scripts/install-deps.sh`).
+pub fn must_run<S: AsRef<std::ffi::OsStr>>(program: &str, args: &[S]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is needed (scripts/install-deps.sh): {e}"))
+}
+
+/// Returns the stdout of a successful run; panics with its output otherwise.
+pub fn must_succeed(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Waits until an NBD server answers at `uri` (up to 10 s); returns
+/// `nbdinfo`'s output for it.
+pub fn must_reach_nbd(uri: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let out = must_run("nbdinfo", &[uri]);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no NBD server at {uri}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts an NBD gateway (`basalt nbd`) on a free port of `ip`, logging to
+/// `DIR/<name>.log`; returns it with its address.
+pub fn start_gateway(
+    dir: &std::path::Path,
+    name: &str,
+    mons: &str,
+    ip: &str,
+    extra: &[&str],
+) -> anyhow::Result<(Daemon, String)> {
+    let addr = format!("{ip}:{}", free_port(ip));
+    let mut args = vec![
+        "--mon".to_string(),
+        mons.to_string(),
+        "nbd".into(),
+        "--listen".into(),
+        addr.clone(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let daemon = Daemon::start(name, args, dir.join(format!("{name}.log")))?;
+    Ok((daemon, addr))
 }

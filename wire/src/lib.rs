@@ -61,6 +61,22 @@ pub enum Kind {
     /// How many objects this OSD holds for a PG (the op header's PG; the
     /// object fields are ignored). Reply payload: count, u64.
     PgStat = 10,
+    /// Peering, OSD -> OSD: every object this OSD holds for the op header's
+    /// PG. Reply payload: (volume u64, index u64, version u64) per object.
+    PgList = 11,
+    /// Recovery, OSD -> OSD: an object's whole contents. Reply payload: see
+    /// `op::ObjectContents`; status `Invalid` if the object does not exist.
+    ObjPull = 12,
+    /// Recovery, primary -> member: replace an object with the contents in
+    /// the payload (`op::ObjectContents`) unless it holds that version or a
+    /// newer one.
+    ObjPush = 13,
+    /// Admin -> primary: scrub the op header's PG (`OP_DEEP` for a deep
+    /// scrub). Reply payload: the report as JSON.
+    PgScrub = 14,
+    /// Scrub, primary -> member: per object of the PG, its version and block
+    /// checksums. Reply payload: see `op::ObjectDigest`.
+    PgDigest = 15,
 }
 
 impl Kind {
@@ -76,6 +92,11 @@ impl Kind {
             8 => Kind::RepDiscard,
             9 => Kind::BlockStatus,
             10 => Kind::PgStat,
+            11 => Kind::PgList,
+            12 => Kind::ObjPull,
+            13 => Kind::ObjPush,
+            14 => Kind::PgScrub,
+            15 => Kind::PgDigest,
             _ => return None,
         })
     }

@@ -25,7 +25,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{ObjectStore, StoreConfig, StoreError};
-pub use service::OsdService;
+pub use service::{OsdService, PgPhase, RecoveryConfig};
 
 /// Requests one connection may have in flight.
 const IN_FLIGHT_PER_CONNECTION: usize = 256;
@@ -63,6 +63,8 @@ pub struct OsdConfig {
     pub weight: f64,
     /// Heartbeat interval. Default 1,000 ms.
     pub heartbeat_interval_ms: u64,
+    /// Peering and recovery limits.
+    pub recovery: RecoveryConfig,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -116,7 +118,14 @@ pub async fn run(config: OsdConfig, shutdown: CancellationToken) -> Result<(), O
         shutdown.clone(),
     ));
 
-    let service = Arc::new(OsdService::new(id, store.clone(), map_rx, want_tx));
+    let service = Arc::new(OsdService::new(
+        id,
+        store.clone(),
+        map_rx,
+        want_tx,
+        config.recovery,
+    ));
+    let recovery = tokio::spawn(service.clone().run_recovery(shutdown.clone()));
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| OsdError::Listen {
@@ -138,6 +147,7 @@ pub async fn run(config: OsdConfig, shutdown: CancellationToken) -> Result<(), O
             }
         }
     }
+    let _ = recovery.await;
     drop(service);
     if let Ok(store) = Arc::try_unwrap(store) {
         store.close().await;

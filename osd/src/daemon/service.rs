@@ -9,9 +9,13 @@
 //! reads of existing data still work. An OSD that is not the primary at its
 //! map epoch answers `StaleEpoch` with that epoch, so the client refreshes.
 //!
-//! Versions come from an in-memory per-PG counter seeded from the clock at
-//! start; the PG log that makes them survive restarts (and peering) belongs
-//! to the failure-handling work.
+//! Versions come from a per-PG counter that peering (`peering`) sets above
+//! every version any member holds, so they grow across primaries and
+//! restarts; a primary serves a PG only once it has peered it for the
+//! current acting set.
+
+mod peering;
+mod scrub;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +30,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
 
 use crate::store::{ObjectKey, ObjectStore, StoreError, UringDevice};
+pub use peering::{PgPeering, PgPhase, RecoveryConfig};
+pub use scrub::{ScrubMismatch, ScrubReport};
 
 /// Deadline of a replication request to a replica.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,8 +47,20 @@ pub struct OsdService {
     want_epoch: watch::Sender<u64>,
     peers: ConnectionPool,
     order: Vec<tokio::sync::Mutex<()>>,
+    /// Last version used per PG (set by peering).
     versions: Mutex<HashMap<PgId, u64>>,
-    version_base: u64,
+    /// Peering state of the PGs this OSD is primary of.
+    pgs: Mutex<HashMap<PgId, PgPeering>>,
+    /// One peering at a time per PG.
+    peer_locks: Mutex<HashMap<PgId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The acting set this OSD last settled per PG, as primary.
+    settled: Mutex<HashMap<PgId, Vec<OsdId>>>,
+    /// The map before the current one (peering asks its members too).
+    previous_map: Mutex<Option<Arc<ClusterMap>>>,
+    recovery: RecoveryConfig,
+    throttle: Mutex<peering::Throttle>,
+    /// Wakes the recovery task (a client op found its PG unsettled).
+    recovery_wakeup: tokio::sync::Notify,
 }
 
 fn reply(request: &Frame, status: Status, epoch: u64, payload: Bytes) -> Frame {
@@ -75,13 +93,8 @@ impl OsdService {
         store: Arc<ObjectStore<UringDevice>>,
         map: watch::Receiver<Arc<ClusterMap>>,
         want_epoch: watch::Sender<u64>,
+        recovery: RecoveryConfig,
     ) -> Self {
-        // Versions only need to grow within a PG: seed them above anything
-        // this OSD handed out before a restart.
-        let version_base = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64)
-            << 8;
         Self {
             id,
             store,
@@ -92,7 +105,13 @@ impl OsdService {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             versions: Mutex::new(HashMap::new()),
-            version_base,
+            pgs: Mutex::new(HashMap::new()),
+            peer_locks: Mutex::new(HashMap::new()),
+            settled: Mutex::new(HashMap::new()),
+            previous_map: Mutex::new(None),
+            recovery,
+            throttle: Mutex::new(peering::Throttle::default()),
+            recovery_wakeup: tokio::sync::Notify::new(),
         }
     }
 
@@ -120,7 +139,8 @@ impl OsdService {
 
     fn next_version(&self, pg: PgId) -> u64 {
         let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
-        let version = versions.entry(pg).or_insert(self.version_base);
+        // Peering inserted the counter before the PG served its first write.
+        let version = versions.entry(pg).or_insert(0);
         *version += 1;
         *version
     }
@@ -144,6 +164,12 @@ impl OsdService {
         };
         let map = self.map_at_least(frame.epoch).await;
         let epoch = map.epoch.0;
+        if matches!(frame.kind, Kind::PgList | Kind::ObjPull | Kind::ObjPush) {
+            return self.handle_peering(&frame, &header, data, &map).await;
+        }
+        if frame.kind == Kind::PgDigest {
+            return self.handle_pg_digest(&frame, &header, epoch).await;
+        }
         let key = ObjectKey {
             pg: header.object.pg,
             object: header.object.object,
@@ -181,6 +207,13 @@ impl OsdService {
                 )),
             );
         }
+        if frame.kind == Kind::PgStat {
+            return self.pg_stat(&frame, key.pg, &acting.members, epoch);
+        }
+        // A PG serves no client op until this primary has peered it.
+        if let Err(reason) = self.ensure_active(key.pg, &acting.members).await {
+            return reply(&frame, Status::Busy, epoch, message(reason));
+        }
         match frame.kind {
             Kind::Read => match self
                 .store
@@ -188,19 +221,39 @@ impl OsdService {
                 .await
             {
                 Ok(bytes) => reply(&frame, Status::Ok, epoch, bytes),
+                Err(e @ StoreError::Checksum { .. }) => {
+                    // Never return bad bytes: serve from a replica's good
+                    // copy, repairing ours on the way.
+                    tracing::warn!("read of {key} failed its checksum: {e}; repairing");
+                    let offset = header.offset;
+                    match self
+                        .read_repair(&key, offset, header.length as u64, &acting.members, &map)
+                        .await
+                    {
+                        Ok(bytes) => reply(&frame, Status::Ok, epoch, bytes),
+                        Err(why) => {
+                            tracing::error!("could not repair {key}: {why}");
+                            reply(&frame, Status::Checksum, epoch, message(why))
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::warn!("read of {key} failed: {e}");
                     reply(&frame, store_status(&e), epoch, message(e.to_string()))
                 }
             },
-            Kind::PgStat => match self.store.list_pg(key.pg) {
-                Ok(objects) => {
-                    let mut out = BytesMut::with_capacity(8);
-                    out.put_u64_le(objects.len() as u64);
-                    reply(&frame, Status::Ok, epoch, out.freeze())
+            Kind::PgScrub => {
+                let deep = header.flags & basalt_wire::op::OP_DEEP != 0;
+                match self.scrub(key.pg, &acting.members, &map, deep).await {
+                    Ok(report) => reply(
+                        &frame,
+                        Status::Ok,
+                        epoch,
+                        Bytes::from(serde_json::to_vec(&report).unwrap_or_default()),
+                    ),
+                    Err(why) => reply(&frame, Status::Busy, epoch, message(why)),
                 }
-                Err(e) => reply(&frame, store_status(&e), epoch, message(e.to_string())),
-            },
+            }
             Kind::BlockStatus => match self.store.allocated_blocks(&key).await {
                 Ok(blocks) => {
                     let mut out = BytesMut::with_capacity(blocks.len() * 4);
@@ -263,6 +316,30 @@ impl OsdService {
                 message(format!("{:?} is not a client op", frame.kind)),
             ),
         }
+    }
+
+    /// Answers `PgStat`: object count (u64), then the peering phase as
+    /// text (`active`, `peering`, `recovering N/M`, `incomplete: why`).
+    fn pg_stat(&self, frame: &Frame, pg: PgId, acting: &[OsdId], epoch: u64) -> Frame {
+        let objects = match self.store.list_pg(pg) {
+            Ok(objects) => objects.len() as u64,
+            Err(e) => return reply(frame, store_status(&e), epoch, message(e.to_string())),
+        };
+        let phase = match self.pg_phase(pg) {
+            Some(p) if p.acting != acting => "peering".to_string(),
+            None => "peering".to_string(),
+            Some(p) => match p.phase {
+                PgPhase::Active => "active".to_string(),
+                PgPhase::Recovering { to_copy, copied } => {
+                    format!("recovering {copied}/{to_copy}")
+                }
+                PgPhase::Incomplete(why) => format!("incomplete: {why}"),
+            },
+        };
+        let mut out = BytesMut::with_capacity(8 + phase.len());
+        out.put_u64_le(objects);
+        out.extend_from_slice(phase.as_bytes());
+        reply(frame, Status::Ok, epoch, out.freeze())
     }
 
     async fn replicate(

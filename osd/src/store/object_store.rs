@@ -711,6 +711,144 @@ impl<D: BlockDevice> ObjectStore<D> {
         Ok(())
     }
 
+    /// Returns an object's version and its allocated blocks with their data
+    /// (block index, 4 KiB), every block verified against its checksum; `None`
+    /// if the object does not exist. Recovery's source side.
+    pub async fn object_contents(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<Option<(u64, Vec<(u32, Bytes)>)>, StoreError> {
+        let Some(stat) = self.stat(key).await? else {
+            return Ok(None);
+        };
+        let blocks = self.allocated_blocks(key).await?;
+        let mut contents = Vec::with_capacity(blocks.len());
+        // Read contiguous runs of allocated blocks in one request each.
+        let mut position = 0;
+        while position < blocks.len() {
+            let first = blocks[position];
+            let mut count = 1;
+            while position + count < blocks.len()
+                && blocks[position + count] == first + count as u32
+            {
+                count += 1;
+            }
+            let data = self
+                .read(
+                    key,
+                    u64::from(first) * BLOCK_BYTES as u64,
+                    (count * BLOCK_BYTES) as u64,
+                )
+                .await?;
+            for i in 0..count {
+                contents.push((
+                    first + i as u32,
+                    data.slice(i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES),
+                ));
+            }
+            position += count;
+        }
+        // A write between the stat and the reads would make the version
+        // claim newer data than we hold only if it raced; recovery runs
+        // while its PG serves no writes, so stat and blocks agree.
+        Ok(Some((stat.version, contents)))
+    }
+
+    /// Returns an object's version and the checksum of each allocated block
+    /// (block index, crc32c), from metadata only when `deep` is false; with
+    /// `deep` every block is read and verified, and a block whose data does
+    /// not match its checksum is reported as `Err(Checksum)`.
+    pub async fn object_digest(
+        &self,
+        key: &ObjectKey,
+        deep: bool,
+    ) -> Result<Option<(u64, Vec<(u32, u32)>)>, StoreError> {
+        if deep {
+            return Ok(self.object_contents(key).await?.map(|(version, blocks)| {
+                let crcs = blocks
+                    .iter()
+                    .map(|(index, data)| (*index, crc32c::crc32c(data)))
+                    .collect();
+                (version, crcs)
+            }));
+        }
+        let _guard = self.lock(key).read().await;
+        let Some(info) = self.inner.meta.object_info(key)? else {
+            return Ok(None);
+        };
+        let crcs = self
+            .inner
+            .meta
+            .object_blocks(key)?
+            .into_iter()
+            .map(|(index, entry)| (index, entry.crc))
+            .collect();
+        Ok(Some((info.version, crcs)))
+    }
+
+    /// Replaces an object with `blocks` (block index, 4 KiB of data) at
+    /// `version`, unless it already holds `version` (and not `force`) or a
+    /// newer one (returns whether it replaced). Recovery's target side. Until the last step the
+    /// object carries version 0, older than any real write, so a crash half
+    /// way leaves it to be copied again rather than half-new under the new
+    /// version.
+    pub async fn replace_object(
+        &self,
+        key: &ObjectKey,
+        blocks: &[(u32, Bytes)],
+        version: u64,
+        force: bool,
+    ) -> Result<bool, StoreError> {
+        // `force` (repair of a bad copy) replaces an equal version too, never
+        // a newer one.
+        if self
+            .stat(key)
+            .await?
+            .is_some_and(|stat| stat.version > version || (stat.version == version && !force))
+        {
+            return Ok(false);
+        }
+        let max = self.inner.config.max_object_bytes;
+        let mut position = 0;
+        let mut runs: Vec<(u32, Vec<u8>)> = Vec::new();
+        while position < blocks.len() {
+            let (first, _) = blocks[position];
+            let mut data = Vec::new();
+            let mut index = first;
+            while position < blocks.len() && blocks[position].0 == index {
+                if blocks[position].1.len() != BLOCK_BYTES {
+                    return Err(StoreError::InvalidAlignment {
+                        object: *key,
+                        offset: u64::from(index) * BLOCK_BYTES as u64,
+                        len: blocks[position].1.len() as u64,
+                    });
+                }
+                data.extend_from_slice(&blocks[position].1);
+                position += 1;
+                index += 1;
+            }
+            runs.push((first, data));
+        }
+        if runs.is_empty() {
+            // Nothing allocated: one discard sets the version atomically.
+            self.discard(key, 0, max, version).await?;
+            return Ok(true);
+        }
+        self.discard(key, 0, max, 0).await?;
+        let last = runs.len() - 1;
+        for (i, (first, data)) in runs.iter().enumerate() {
+            let run_version = if i == last { version } else { 0 };
+            self.write(
+                key,
+                u64::from(*first) * BLOCK_BYTES as u64,
+                data,
+                run_version,
+            )
+            .await?;
+        }
+        Ok(true)
+    }
+
     /// Removes an object and frees its blocks. Deleting a missing object is
     /// not an error.
     pub async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {

@@ -1,0 +1,660 @@
+//! Peering and recovery as a PG's primary, carried out over the data plane.
+//!
+//! Before a primary serves a PG whose acting set it has not settled (after
+//! every map change that touches the PG, and after its own start), it
+//! gathers every member's inventory (`PgList`), plans with
+//! [`RecoveryPlan`], copies each stale or missing object from a member that
+//! holds the newest version (`ObjPull`) to every member that lacks it
+//! (`ObjPush`, or locally), raises its version counter above everything
+//! seen, and only then serves I/O. Client ops that arrive meanwhile wait a
+//! little and are then answered `Busy`, which the client retries.
+//!
+//! Sources beyond the acting set: the acting set this OSD last settled for
+//! the PG and the acting set at the previous map, where those OSDs are up.
+//! Every acknowledged write is on every member of the interval that took it,
+//! so one surviving member of the last interval is enough.
+//!
+//! Recovery runs `recovery_max_active` PGs at a time and at most
+//! `recovery_bytes_per_sec_max` bytes per second (copies pause to keep to
+//! it), below client I/O. Not yet: objects of a PG are not recovered on
+//! demand while the rest of the PG copies (the whole PG waits), and copies
+//! left on OSDs that are no longer members are not removed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_placement::{ClusterMap, ObjectId, OsdId, PgId, Placer, VolumeId};
+use basalt_wire::op::{OP_REPAIR, ObjectContents};
+use basalt_wire::{Frame, Kind, ObjectRef, OpHeader, Status};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+
+use super::{OsdService, message, reply};
+use crate::recovery::{Inventory, RecoveryPlan, next_version_after};
+use crate::store::ObjectKey;
+
+/// How long a client op waits for its PG to finish peering before `Busy`.
+const CLIENT_WAIT_FOR_PEERING: Duration = Duration::from_secs(3);
+/// Deadline of one peering request to another OSD.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Recovery limits.
+#[derive(Clone, Copy, Debug)]
+pub struct RecoveryConfig {
+    /// PGs peered and recovered at once. Default 2.
+    pub recovery_max_active: usize,
+    /// Object copies in flight within one PG. Default 4.
+    pub recovery_copies_in_flight: usize,
+    /// Recovery bandwidth ceiling, bytes per second. Default 256 MiB/s.
+    pub recovery_bytes_per_sec_max: u64,
+    /// Light scrub (metadata checksums compared across members) of every
+    /// PG this OSD leads, every this many seconds; 0 turns it off. Default
+    /// 21,600 (6 h).
+    pub scrub_interval_secs: u64,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            recovery_max_active: 2,
+            recovery_copies_in_flight: 4,
+            recovery_bytes_per_sec_max: 256 << 20,
+            scrub_interval_secs: 6 * 3600,
+        }
+    }
+}
+
+/// Where a PG stands on its primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PgPhase {
+    /// Gathering inventories or copying objects: `copied` of `to_copy`.
+    Recovering { to_copy: u64, copied: u64 },
+    /// Settled for `acting`; serving I/O.
+    Active,
+    /// Peering failed (a member did not answer, a copy failed); retried on
+    /// the next op or map change.
+    Incomplete(String),
+}
+
+/// A PG's peering record on its primary.
+#[derive(Clone, Debug)]
+pub struct PgPeering {
+    pub acting: Vec<OsdId>,
+    pub phase: PgPhase,
+}
+
+/// Recovery bandwidth accounting shared by every copy of this OSD.
+#[derive(Debug)]
+pub struct Throttle {
+    started: Instant,
+    bytes: u64,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle {
+            started: Instant::now(),
+            bytes: 0,
+        }
+    }
+}
+
+impl Throttle {
+    /// Records `bytes` and returns how long to pause to stay under `limit`
+    /// bytes per second.
+    fn charge(&mut self, bytes: u64, limit: u64) -> Duration {
+        // A one-second window: restart the accounting after it.
+        if self.started.elapsed() > Duration::from_secs(1) {
+            self.started = Instant::now();
+            self.bytes = 0;
+        }
+        self.bytes += bytes;
+        let allowed = Duration::from_secs_f64(self.bytes as f64 / limit.max(1) as f64);
+        allowed.saturating_sub(self.started.elapsed())
+    }
+}
+
+/// Returns every PG of the map: each pool's seeds, unhomed and for every
+/// host that is some volume's home in that pool.
+fn pgs_of(map: &ClusterMap) -> Vec<PgId> {
+    let mut pgs = Vec::new();
+    for (pool_id, pool) in &map.pools {
+        let mut homes: std::collections::BTreeSet<Option<basalt_placement::HostId>> =
+            std::collections::BTreeSet::from([None]);
+        homes.extend(
+            map.volumes
+                .values()
+                .filter(|v| v.pool == *pool_id)
+                .map(|v| v.home),
+        );
+        for home in homes {
+            for seed in 0..pool.pg_count {
+                pgs.push(PgId {
+                    pool: *pool_id,
+                    seed,
+                    home,
+                });
+            }
+        }
+    }
+    pgs
+}
+
+fn encode_inventory(objects: &[(ObjectKey, u64)]) -> Bytes {
+    let mut out = BytesMut::with_capacity(objects.len() * 24);
+    for (key, version) in objects {
+        out.put_u64_le(key.object.volume.0);
+        out.put_u64_le(key.object.index);
+        out.put_u64_le(*version);
+    }
+    out.freeze()
+}
+
+fn decode_inventory(mut payload: Bytes) -> Option<BTreeMap<ObjectId, u64>> {
+    if !payload.len().is_multiple_of(24) {
+        return None;
+    }
+    let mut objects = BTreeMap::new();
+    while payload.has_remaining() {
+        let volume = VolumeId(payload.get_u64_le());
+        let index = payload.get_u64_le();
+        objects.insert(ObjectId { volume, index }, payload.get_u64_le());
+    }
+    Some(objects)
+}
+
+fn object_header(pg: PgId, object: ObjectId) -> OpHeader {
+    OpHeader {
+        object: ObjectRef { pg, object },
+        offset: 0,
+        length: 0,
+        version: 0,
+        flags: 0,
+    }
+}
+
+impl OsdService {
+    /// Answers the peering kinds (`PgList`, `ObjPull`, `ObjPush`), which any
+    /// OSD serves whatever its role.
+    pub(super) async fn handle_peering(
+        &self,
+        frame: &Frame,
+        header: &OpHeader,
+        data: Bytes,
+        map: &ClusterMap,
+    ) -> Frame {
+        let epoch = map.epoch.0;
+        let key = ObjectKey {
+            pg: header.object.pg,
+            object: header.object.object,
+        };
+        match frame.kind {
+            Kind::PgList => match self.store.list_pg(key.pg) {
+                Ok(objects) => reply(frame, Status::Ok, epoch, encode_inventory(&objects)),
+                Err(e) => reply(frame, Status::Io, epoch, message(e.to_string())),
+            },
+            Kind::ObjPull => match self.store.object_contents(&key).await {
+                Ok(Some((version, blocks))) => reply(
+                    frame,
+                    Status::Ok,
+                    epoch,
+                    ObjectContents { version, blocks }.encode(),
+                ),
+                Ok(None) => reply(frame, Status::Invalid, epoch, message(format!("no {key}"))),
+                Err(e) => {
+                    tracing::warn!("recovery read of {key} failed: {e}");
+                    reply(frame, Status::Io, epoch, message(e.to_string()))
+                }
+            },
+            _ => {
+                // ObjPush: only into a PG this OSD is a member of; the
+                // version guard in the store keeps a late push from ever
+                // replacing newer data.
+                let member = Placer::new(map)
+                    .acting_set(key.pg)
+                    .is_ok_and(|acting| acting.members.contains(&self.id));
+                if !member {
+                    return reply(
+                        frame,
+                        Status::StaleEpoch,
+                        epoch,
+                        message(format!("{} is not a member of {}", self.id, key.pg)),
+                    );
+                }
+                let contents = match ObjectContents::decode(data) {
+                    Ok(contents) => contents,
+                    Err(e) => return reply(frame, Status::Invalid, epoch, message(e.to_string())),
+                };
+                match self
+                    .store
+                    .replace_object(
+                        &key,
+                        &contents.blocks,
+                        contents.version,
+                        header.flags & OP_REPAIR != 0,
+                    )
+                    .await
+                {
+                    Ok(_) => reply(frame, Status::Ok, epoch, Bytes::new()),
+                    Err(e) => {
+                        if !e.is_request_error() {
+                            tracing::error!("failed to store recovered {key}: {e}");
+                        }
+                        reply(frame, Status::Io, epoch, message(e.to_string()))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns the phase of `pg` on this primary, if it has peered it.
+    pub fn pg_phase(&self, pg: PgId) -> Option<PgPeering> {
+        self.pgs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pg)
+            .cloned()
+    }
+
+    fn set_phase(&self, pg: PgId, acting: &[OsdId], phase: PgPhase) {
+        self.pgs.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            pg,
+            PgPeering {
+                acting: acting.to_vec(),
+                phase,
+            },
+        );
+    }
+
+    fn is_active(&self, pg: PgId, acting: &[OsdId]) -> bool {
+        self.pg_phase(pg)
+            .is_some_and(|p| p.phase == PgPhase::Active && p.acting == acting)
+    }
+
+    /// Waits (briefly) until `pg` is active for `acting`: wakes the
+    /// recovery task, which does the peering, and polls. Client ops never
+    /// run peering themselves, so a client that gives up cancels nothing.
+    pub(super) async fn ensure_active(&self, pg: PgId, acting: &[OsdId]) -> Result<(), String> {
+        if self.is_active(pg, acting) {
+            return Ok(());
+        }
+        self.recovery_wakeup.notify_one();
+        let started = Instant::now();
+        while started.elapsed() < CLIENT_WAIT_FOR_PEERING {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if self.is_active(pg, acting) {
+                return Ok(());
+            }
+        }
+        Err(match self.pg_phase(pg) {
+            Some(PgPeering {
+                phase: PgPhase::Incomplete(why),
+                ..
+            }) => format!("{pg} is incomplete: {why}"),
+            _ => format!("{pg} is peering"),
+        })
+    }
+
+    /// Peers `pg` for `acting` unless it already is; one peering per PG at
+    /// a time. Run by the recovery task only.
+    async fn settle(&self, pg: PgId, acting: &[OsdId], map: &Arc<ClusterMap>) {
+        let lock = {
+            let mut locks = self.peer_locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(pg).or_default().clone()
+        };
+        let _one_at_a_time = lock.lock().await;
+        if self.is_active(pg, acting) {
+            return;
+        }
+        if let Err(reason) = self.peer(pg, acting, map).await {
+            tracing::warn!(%pg, "peering incomplete: {reason}");
+            self.set_phase(pg, acting, PgPhase::Incomplete(reason));
+        }
+    }
+
+    /// Peers and recovers `pg` for `acting`.
+    async fn peer(&self, pg: PgId, acting: &[OsdId], map: &Arc<ClusterMap>) -> Result<(), String> {
+        let started = Instant::now();
+        self.set_phase(
+            pg,
+            acting,
+            PgPhase::Recovering {
+                to_copy: 0,
+                copied: 0,
+            },
+        );
+        let mut sources: Vec<OsdId> = acting.to_vec();
+        let earlier = self
+            .settled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pg)
+            .cloned()
+            .unwrap_or_default();
+        let previous_map = self
+            .previous_map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let previous = previous_map
+            .and_then(|m| Placer::new(&m).acting_set(pg).ok())
+            .map(|a| a.members)
+            .unwrap_or_default();
+        for osd in earlier.into_iter().chain(previous) {
+            let up = map.osds.get(&osd).is_some_and(|o| o.up);
+            if up && !sources.contains(&osd) {
+                sources.push(osd);
+            }
+        }
+        let inventories = futures::future::join_all(
+            sources
+                .iter()
+                .map(|osd| async move { (*osd, self.inventory(*osd, pg, map).await) }),
+        )
+        .await;
+        let mut reported = Vec::new();
+        for (osd, inventory) in inventories {
+            match inventory {
+                Ok(objects) => reported.push(Inventory { osd, objects }),
+                Err(e) if acting.contains(&osd) => {
+                    return Err(format!("member {osd} did not report: {e}"));
+                }
+                Err(e) => tracing::debug!(%pg, "earlier member {osd} did not report: {e}"),
+            }
+        }
+        let plan = RecoveryPlan::new(acting, &reported)
+            .ok_or_else(|| "an acting member is missing from the inventories".to_string())?;
+        let to_copy = plan.copies.len() as u64;
+        if to_copy > 0 {
+            tracing::info!(%pg, objects = to_copy, members = ?plan.missing_by_member, "recovering");
+        }
+        self.set_phase(pg, acting, PgPhase::Recovering { to_copy, copied: 0 });
+        let copied = std::sync::atomic::AtomicU64::new(0);
+        let copied = &copied;
+        let mut copies = futures::stream::iter(plan.copies.clone())
+            .map(|copy| async move {
+                let result = self.copy_object(pg, &copy, map).await;
+                if result.is_ok() {
+                    let done = copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    self.set_phase(
+                        pg,
+                        acting,
+                        PgPhase::Recovering {
+                            to_copy,
+                            copied: done,
+                        },
+                    );
+                }
+                result
+            })
+            .buffer_unordered(self.recovery.recovery_copies_in_flight.max(1));
+        while let Some(result) = copies.next().await {
+            result?;
+        }
+        drop(copies);
+        {
+            let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+            let counter = versions.entry(pg).or_insert(0);
+            *counter = next_version_after(*counter, plan.max_version, map.epoch.0);
+        }
+        self.settled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pg, acting.to_vec());
+        self.set_phase(pg, acting, PgPhase::Active);
+        if to_copy > 0 {
+            tracing::info!(%pg, objects = to_copy, ms = started.elapsed().as_millis() as u64, "recovered");
+        }
+        Ok(())
+    }
+
+    /// Returns what `osd` holds of `pg`.
+    async fn inventory(
+        &self,
+        osd: OsdId,
+        pg: PgId,
+        map: &ClusterMap,
+    ) -> Result<BTreeMap<ObjectId, u64>, String> {
+        if osd == self.id {
+            let objects = self.store.list_pg(pg).map_err(|e| e.to_string())?;
+            return Ok(objects
+                .into_iter()
+                .map(|(key, version)| (key.object, version))
+                .collect());
+        }
+        let header = object_header(
+            pg,
+            ObjectId {
+                volume: VolumeId(0),
+                index: 0,
+            },
+        );
+        let payload = self
+            .call_peer(osd, map, Kind::PgList, header.encode_with(&[]))
+            .await?;
+        decode_inventory(payload).ok_or_else(|| format!("{osd} sent a malformed inventory"))
+    }
+
+    /// Copies one object from its source to its targets.
+    async fn copy_object(
+        &self,
+        pg: PgId,
+        copy: &crate::recovery::Copy,
+        map: &ClusterMap,
+    ) -> Result<(), String> {
+        let key = ObjectKey {
+            pg,
+            object: copy.object,
+        };
+        let contents = if copy.source == self.id {
+            let (version, blocks) = self
+                .store
+                .object_contents(&key)
+                .await
+                .map_err(|e| format!("read {key}: {e}"))?
+                .ok_or_else(|| format!("{key} vanished"))?;
+            ObjectContents { version, blocks }
+        } else {
+            let payload = self
+                .call_peer(
+                    copy.source,
+                    map,
+                    Kind::ObjPull,
+                    object_header(pg, copy.object).encode_with(&[]),
+                )
+                .await?;
+            ObjectContents::decode(payload).map_err(|e| format!("pull {key}: {e}"))?
+        };
+        if contents.version < copy.version {
+            return Err(format!(
+                "{key} on {} is at version {} below the planned {}",
+                copy.source, contents.version, copy.version
+            ));
+        }
+        let bytes = (contents.blocks.len() * 4096) as u64;
+        let encoded = (copy.targets.iter().any(|t| *t != self.id))
+            .then(|| object_header(pg, copy.object).encode_with(&contents.encode()));
+        for target in &copy.targets {
+            if *target == self.id {
+                self.store
+                    .replace_object(&key, &contents.blocks, contents.version, false)
+                    .await
+                    .map_err(|e| format!("store recovered {key}: {e}"))?;
+            } else if let Some(payload) = &encoded {
+                self.call_peer(*target, map, Kind::ObjPush, payload.clone())
+                    .await?;
+            }
+            let pause = self
+                .throttle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .charge(bytes.max(4096), self.recovery.recovery_bytes_per_sec_max);
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a peering request to `osd` and returns the reply payload.
+    pub(super) async fn call_peer(
+        &self,
+        osd: OsdId,
+        map: &ClusterMap,
+        kind: Kind,
+        payload: Bytes,
+    ) -> Result<Bytes, String> {
+        let addr = map
+            .osds
+            .get(&osd)
+            .and_then(|o| o.addr.as_deref())
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .ok_or_else(|| format!("{osd} has no address"))?;
+        let frame = Frame {
+            kind,
+            flags: 0,
+            request_id: 0,
+            epoch: map.epoch.0,
+            status: 0,
+            payload,
+        };
+        let connection = self
+            .peers
+            .get(addr)
+            .await
+            .map_err(|e| format!("{osd}: {e}"))?;
+        match connection.call(frame, PEER_TIMEOUT).await {
+            Ok(answer) if answer.status == Status::Ok as u32 => Ok(answer.payload),
+            Ok(answer) => Err(format!(
+                "{osd} answered {:?}: {}",
+                Status::from_u32(answer.status),
+                String::from_utf8_lossy(&answer.payload)
+            )),
+            Err(e) => {
+                self.peers.forget(addr).await;
+                Err(format!("{osd}: {e}"))
+            }
+        }
+    }
+
+    /// Keeps every PG this OSD is primary of peered and recovered: at start
+    /// and after every map change, `recovery_max_active` PGs at a time.
+    pub async fn run_recovery(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut maps = self.map.clone();
+        let mut current = maps.borrow_and_update().clone();
+        let mut last_scrub = Instant::now();
+        loop {
+            let mine: Vec<(PgId, Vec<OsdId>)> = {
+                let placer = Placer::new(&current);
+                pgs_of(&current)
+                    .into_iter()
+                    .filter_map(|pg| {
+                        let acting = placer.acting_set(pg).ok()?;
+                        (acting.primary() == Some(self.id)).then_some((pg, acting.members))
+                    })
+                    .filter(|(pg, acting)| !self.is_active(*pg, acting))
+                    .collect()
+            };
+            let map = current.clone();
+            let service = &self;
+            let work = futures::stream::iter(mine)
+                .map(|(pg, acting)| {
+                    let map = map.clone();
+                    async move { service.settle(pg, &acting, &map).await }
+                })
+                .buffer_unordered(self.recovery.recovery_max_active.max(1))
+                .collect::<Vec<()>>();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = work => {}
+            }
+            let interval = self.recovery.scrub_interval_secs;
+            if interval > 0 && last_scrub.elapsed() > Duration::from_secs(interval) {
+                last_scrub = Instant::now();
+                let led: Vec<(PgId, Vec<OsdId>)> = {
+                    let placer = Placer::new(&current);
+                    pgs_of(&current)
+                        .into_iter()
+                        .filter_map(|pg| {
+                            let acting = placer.acting_set(pg).ok()?;
+                            (acting.primary() == Some(self.id)).then_some((pg, acting.members))
+                        })
+                        .filter(|(pg, acting)| self.is_active(*pg, acting))
+                        .collect()
+                };
+                for (pg, acting) in led {
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    match self.scrub(pg, &acting, &current, false).await {
+                        Ok(report) if !report.mismatches.is_empty() => tracing::warn!(
+                            %pg,
+                            mismatches = report.mismatches.len(),
+                            repaired = report.repaired,
+                            "light scrub found differences"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(%pg, "light scrub skipped: {e}"),
+                    }
+                }
+            }
+            // Wait for the next map or a client op on an unsettled PG, or
+            // retry incomplete PGs every 2 s.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = maps.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = self.recovery_wakeup.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+            let fresh = maps.borrow_and_update().clone();
+            if fresh.epoch != current.epoch {
+                *self.previous_map.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(current.clone());
+                current = fresh;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn inventories_round_trip_and_garbage_is_refused() {
+        let pg = PgId {
+            pool: basalt_placement::PoolId(1),
+            seed: 3,
+            home: None,
+        };
+        let objects = vec![(
+            ObjectKey {
+                pg,
+                object: ObjectId {
+                    volume: VolumeId(7),
+                    index: 9,
+                },
+            },
+            42u64,
+        )];
+        let decoded = decode_inventory(encode_inventory(&objects)).unwrap();
+        assert_eq!(decoded.get(&objects[0].0.object), Some(&42));
+        assert!(decode_inventory(Bytes::from_static(&[1, 2, 3])).is_none());
+    }
+
+    #[test]
+    fn the_throttle_asks_for_a_pause_above_the_limit() {
+        let mut throttle = Throttle::default();
+        assert!(throttle.charge(1000, 1 << 20) < Duration::from_millis(5));
+        let pause = throttle.charge(4 << 20, 1 << 20);
+        assert!(pause > Duration::from_millis(3000), "{pause:?}");
+    }
+}

@@ -1,0 +1,308 @@
+//! Seeded simulation of one replicated placement group through crashes,
+//! restarts, lost replication messages and lost recovery copies, driving the
+//! real recovery planner (`RecoveryPlan`) and the real version rule
+//! (`next_version_after`). Checks after every step:
+//! - no acknowledged write is lost: the primary's copy of every object is the
+//!   last acknowledged write to it, or a write issued after it;
+//! - once peered, every member of the acting set holds the same version of
+//!   every object (no unacknowledged write visible on some copies only).
+//!
+//! 300 seeds run in CI; `BASALT_SIM_SEEDS=20000 cargo test -p basalt-osd
+//! --test recovery_simulation` runs more (scripts/nightly.sh). A failure
+//! prints its seed; `BASALT_SIM_SEED=N` replays one.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::collections::BTreeMap;
+
+use basalt_osd::recovery::{Inventory, RecoveryPlan, next_version_after};
+use basalt_placement::{ObjectId, OsdId, VolumeId};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const OSDS: u32 = 5;
+const SIZE: usize = 3;
+const MIN_SIZE: usize = 2;
+const OBJECTS: u64 = 6;
+const STEPS: usize = 250;
+
+/// One stored copy: the version and which write produced it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Copy {
+    version: u64,
+    write: u64,
+}
+
+#[derive(Default)]
+struct Osd {
+    up: bool,
+    objects: BTreeMap<u64, Copy>,
+    /// The primary's version counter: memory only, lost in a crash.
+    counter: Option<u64>,
+}
+
+struct Sim {
+    rng: ChaCha8Rng,
+    osds: Vec<Osd>,
+    /// The PG's OSD preference order (what placement would compute).
+    order: Vec<u32>,
+    epoch: u64,
+    /// Acting set of the last interval that peered, and whether the current
+    /// one has.
+    settled: Option<Vec<u32>>,
+    peered: bool,
+    next_write: u64,
+    /// object -> write id of the last acknowledged write.
+    acked: BTreeMap<u64, u64>,
+    trace: Vec<String>,
+}
+
+fn id(object: u64) -> ObjectId {
+    ObjectId {
+        volume: VolumeId(1),
+        index: object,
+    }
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut order: Vec<u32> = (0..OSDS).collect();
+        for i in (1..order.len()).rev() {
+            let j = rng.random_range(0..=i);
+            order.swap(i, j);
+        }
+        Sim {
+            rng,
+            osds: (0..OSDS)
+                .map(|_| Osd {
+                    up: true,
+                    ..Osd::default()
+                })
+                .collect(),
+            order,
+            epoch: 1,
+            settled: None,
+            peered: false,
+            next_write: 1,
+            acked: BTreeMap::new(),
+            trace: Vec::new(),
+        }
+    }
+
+    fn acting(&self) -> Vec<u32> {
+        self.order
+            .iter()
+            .copied()
+            .filter(|o| self.osds[*o as usize].up)
+            .take(SIZE)
+            .collect()
+    }
+
+    fn lost(&mut self) -> bool {
+        self.rng.random_bool(0.1)
+    }
+
+    /// The new primary peers: inventories from the acting set and the up
+    /// members of the last peered interval, then the planned copies (each
+    /// may be lost). Peered only when every copy landed.
+    fn peer(&mut self) {
+        let acting = self.acting();
+        if acting.len() < MIN_SIZE {
+            return;
+        }
+        let mut sources = acting.clone();
+        for osd in self.settled.clone().unwrap_or_default() {
+            if self.osds[osd as usize].up && !sources.contains(&osd) {
+                sources.push(osd);
+            }
+        }
+        let inventories: Vec<Inventory> = sources
+            .iter()
+            .map(|osd| Inventory {
+                osd: OsdId(*osd),
+                objects: self.osds[*osd as usize]
+                    .objects
+                    .iter()
+                    .map(|(o, c)| (id(*o), c.version))
+                    .collect(),
+            })
+            .collect();
+        let acting_ids: Vec<OsdId> = acting.iter().map(|o| OsdId(*o)).collect();
+        let plan = RecoveryPlan::new(&acting_ids, &inventories).unwrap();
+        let mut complete = true;
+        for copy in &plan.copies {
+            let data = self.osds[copy.source.0 as usize].objects[&copy.object.index];
+            assert_eq!(
+                data.version, copy.version,
+                "source holds the planned version"
+            );
+            for target in &copy.targets {
+                if self.lost() {
+                    complete = false;
+                    continue;
+                }
+                self.osds[target.0 as usize]
+                    .objects
+                    .insert(copy.object.index, data);
+            }
+        }
+        let primary = &mut self.osds[acting[0] as usize];
+        primary.counter = Some(next_version_after(
+            primary.counter.unwrap_or(0),
+            plan.max_version,
+            self.epoch,
+        ));
+        self.trace.push(format!(
+            "peer acting={acting:?} copies={} complete={complete}",
+            plan.copies.len()
+        ));
+        if complete {
+            self.peered = true;
+            self.settled = Some(acting);
+        }
+    }
+
+    fn write(&mut self, object: u64) {
+        if !self.peered {
+            self.peer();
+        }
+        let acting = self.acting();
+        if !self.peered || acting.len() < MIN_SIZE {
+            self.trace.push(format!("write obj{object}: refused"));
+            return;
+        }
+        let write = self.next_write;
+        self.next_write += 1;
+        let primary = &mut self.osds[acting[0] as usize];
+        let version = primary.counter.unwrap_or(0) + 1;
+        primary.counter = Some(version);
+        let copy = Copy { version, write };
+        let mut everyone = true;
+        for (position, osd) in acting.iter().enumerate() {
+            if position > 0 && self.lost() {
+                everyone = false;
+                continue;
+            }
+            self.osds[*osd as usize].objects.insert(object, copy);
+        }
+        if everyone {
+            self.acked.insert(object, write);
+        }
+        self.trace.push(format!(
+            "write obj{object} w{write} v{version} acked={everyone}"
+        ));
+    }
+
+    fn map_change(&mut self) {
+        self.epoch += 1;
+        self.peered = false;
+    }
+
+    fn step(&mut self) {
+        let down = self.osds.iter().filter(|o| !o.up).count();
+        match self.rng.random_range(0..10) {
+            0 | 1 if down < SIZE - 1 => {
+                let osd = self.rng.random_range(0..OSDS);
+                if self.osds[osd as usize].up {
+                    self.osds[osd as usize].up = false;
+                    self.osds[osd as usize].counter = None;
+                    self.trace.push(format!("crash osd.{osd}"));
+                    self.map_change();
+                }
+            }
+            2 | 3 => {
+                let osd = self.rng.random_range(0..OSDS);
+                if !self.osds[osd as usize].up {
+                    self.osds[osd as usize].up = true;
+                    self.trace.push(format!("restart osd.{osd}"));
+                    self.map_change();
+                }
+            }
+            _ => {
+                let object = self.rng.random_range(0..OBJECTS);
+                self.write(object);
+            }
+        }
+        self.check();
+    }
+
+    fn check(&self) {
+        if !self.peered {
+            return;
+        }
+        let acting = self.acting();
+        let primary = &self.osds[acting[0] as usize];
+        for (object, write) in &self.acked {
+            let held = primary.objects.get(object).map_or(0, |c| c.write);
+            assert!(
+                held >= *write,
+                "acknowledged write w{write} to obj{object} lost: primary osd.{} holds w{held}",
+                acting[0]
+            );
+        }
+        for osd in &acting[1..] {
+            for object in 0..OBJECTS {
+                let theirs = self.osds[*osd as usize].objects.get(&object);
+                let ours = primary.objects.get(&object);
+                // Only writes after peering may still be in flight to a
+                // member, and those are unacknowledged retries: a member may
+                // lag the primary but never hold something the primary
+                // does not know.
+                if let (Some(theirs), Some(ours)) = (theirs, ours) {
+                    assert!(
+                        theirs.version <= ours.version,
+                        "osd.{osd} holds v{} of obj{object}, newer than the primary's v{}",
+                        theirs.version,
+                        ours.version
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn run(seed: u64) {
+    let mut sim = Sim::new(seed);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for _ in 0..STEPS {
+            sim.step();
+        }
+    }));
+    if let Err(panic) = result {
+        let tail: Vec<&String> = sim.trace.iter().rev().take(12).collect();
+        eprintln!(
+            "simulation failed with seed {seed}; replay: BASALT_SIM_SEED={seed} cargo test -p basalt-osd --test recovery_simulation\nlast steps (newest first): {tail:#?}"
+        );
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+fn seeded_crashes_and_lost_messages_lose_no_acknowledged_write() {
+    if let Some(seed) = std::env::var("BASALT_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        run(seed);
+        return;
+    }
+    let seeds: u64 = std::env::var("BASALT_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    for seed in 0..seeds {
+        run(seed);
+    }
+}
+
+/// The version rule matters: a primary that restarted (counter lost) or
+/// took over must number its writes above everything any member holds.
+/// With versions that restart from a fixed base the simulation above fails;
+/// this pins the rule itself.
+#[test]
+fn next_version_is_above_everything_seen_and_the_epoch() {
+    assert!(next_version_after(0, 500, 3) > 500);
+    assert!(next_version_after(0, 0, 3) >= 3 << 32);
+    assert_eq!(next_version_after(9 << 32, 5, 3), 9 << 32);
+}

@@ -1,0 +1,359 @@
+//! Failure handling with real processes: an OSD that comes back after
+//! missing writes catches up before it serves (no stale reads), and the
+//! stand-ins that replace a dead OSD are backfilled until every member of
+//! every acting set holds the same objects, byte for byte, while the monitor
+//! leader is killed along the way.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_client::{BlockClient, ClientConfig, Volume};
+use basalt_monitor::MonClient;
+use basalt_osd::store::{ObjectStore, StoreConfig};
+use basalt_placement::{ClusterMap, OsdId, Placer};
+use basalt_proto::monitor as pb;
+use basalt_tests::{DevCluster, basalt};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const MIB: u64 = 1 << 20;
+
+/// An object as a store holds it: version and (block index, bytes).
+type StoredObject = (u64, Vec<(u32, Vec<u8>)>);
+
+fn seeded(len: u64, seed: u64) -> Arc<Vec<u8>> {
+    let mut data = vec![0u8; len as usize];
+    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut data);
+    Arc::new(data)
+}
+
+async fn create_volume(mon: &MonClient, name: &str, size: u64) {
+    let request = pb::CreateVolumeRequest {
+        name: name.into(),
+        pool: "rbd".into(),
+        size_bytes: size,
+        object_size_bytes: 0,
+        home: String::new(),
+    };
+    mon.call(|mut c| {
+        let request = request.clone();
+        async move { c.create_volume(request).await }
+    })
+    .await
+    .unwrap();
+}
+
+/// Writes `data[range]` at queue depth 8 in 512 KiB requests; every write
+/// must be acknowledged.
+async fn write_all(volume: &Volume, data: &Arc<Vec<u8>>, start: u64, end: u64) {
+    let chunk = 512 * 1024;
+    let mut writers = Vec::new();
+    for writer in 0..8u64 {
+        let (volume, data) = (volume.clone(), data.clone());
+        writers.push(tokio::spawn(async move {
+            let mut offset = start + writer * chunk;
+            while offset < end {
+                let slice = &data[offset as usize..(offset + chunk) as usize];
+                volume.write(offset, slice).await.unwrap();
+                offset += 8 * chunk;
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}
+
+async fn wait_for_map(client: &BlockClient, what: &str, check: impl Fn(&ClusterMap) -> bool) {
+    let started = Instant::now();
+    loop {
+        if let Ok(map) = client.refresh_map().await
+            && check(&map)
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `pg ls` shows every PG `want` (e.g. `active+clean`).
+fn wait_for_pgs(mons: &str, want: &str) {
+    let started = Instant::now();
+    let mut last = Vec::new();
+    while started.elapsed() < Duration::from_secs(60) {
+        let out = basalt(&["--mon", mons, "pg", "ls", "--json"]);
+        if out.status.success() {
+            let pgs: Vec<serde_json::Value> =
+                serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if !pgs.is_empty() && pgs.iter().all(|pg| pg["state"] == want) {
+                return;
+            }
+            last = pgs
+                .into_iter()
+                .filter(|pg| pg["state"] != want)
+                .take(5)
+                .collect();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    panic!("PGs never all {want}: {last:?}");
+}
+
+/// Returns each OSD's data directory, from `cluster.json` and `osd.json`.
+fn osd_dirs(cluster: &DevCluster) -> HashMap<OsdId, String> {
+    let record = cluster.record();
+    let mut dirs = HashMap::new();
+    for daemon in record["daemons"].as_array().unwrap() {
+        if daemon["kind"] != "osd" {
+            continue;
+        }
+        let args: Vec<String> = serde_json::from_value(daemon["args"].clone()).unwrap();
+        let data_dir = args[args.iter().position(|a| a == "--data").unwrap() + 1].clone();
+        let identity: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(Path::new(&data_dir).join("osd.json")).unwrap())
+                .unwrap();
+        dirs.insert(OsdId(identity["osd_id"].as_u64().unwrap() as u32), data_dir);
+    }
+    dirs
+}
+
+fn down_count(map: &ClusterMap) -> usize {
+    map.osds.values().filter(|o| !o.up).count()
+}
+
+/// An OSD is SIGKILLed; the volume is rewritten while it is down (and the
+/// first monitor killed too); the OSD is restarted. It is primary of about
+/// a third of the PGs again, and every byte read back is the new data: it
+/// caught up before serving, where it used to serve what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_osd_catches_up_before_it_serves() {
+    let cluster = DevCluster::up("1G").unwrap();
+    let mons = cluster.mons();
+    let mon = MonClient::new(&mons).unwrap();
+    let size = 128 * MIB;
+    create_volume(&mon, "v", size).await;
+    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
+        .await
+        .unwrap();
+    let volume = client.open("rbd", "v").await.unwrap();
+    let old = seeded(size, 1);
+    write_all(&volume, &old, 0, size).await;
+
+    cluster.kill("osd-node1-0");
+    cluster.kill("mon1");
+    let new = seeded(size, 2);
+    // Writes wait for the down verdict, then go on with two copies.
+    write_all(&volume, &new, 0, size).await;
+    wait_for_map(&client, "the OSD marked down", |m| down_count(m) == 1).await;
+
+    cluster.up_again().unwrap();
+    wait_for_map(&client, "every OSD up", |m| down_count(m) == 0).await;
+    let back = volume.read(0, size).await.unwrap();
+    let stale = (0..size / (4 * MIB))
+        .filter(|i| {
+            let range = (i * 4 * MIB) as usize..((i + 1) * 4 * MIB) as usize;
+            back[range.clone()] != new[range]
+        })
+        .count();
+    assert_eq!(stale, 0, "{stale} objects read back stale or wrong");
+    wait_for_pgs(&cluster.mon_list(), "active+clean");
+}
+
+/// 4 nodes, size 3: an OSD is SIGKILLed while writes continue; its PGs get
+/// stand-ins, which recovery backfills. Once every PG is active+clean, the
+/// stores (read offline after `dev down`) hold every object on exactly the
+/// members of its PG's acting set, all with the same version and bytes, and
+/// the volume reads back exactly what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stand_ins_are_backfilled_to_identical_copies() {
+    let cluster = DevCluster::up_nodes(4, "1G").unwrap();
+    let mons = cluster.mons();
+    let mon = MonClient::new(&mons).unwrap();
+    let size = 128 * MIB;
+    create_volume(&mon, "v", size).await;
+    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
+        .await
+        .unwrap();
+    let volume = client.open("rbd", "v").await.unwrap();
+    let first = seeded(size, 3);
+    write_all(&volume, &first, 0, size).await;
+
+    // Kill an OSD while the second half is rewritten.
+    let second = seeded(size, 4);
+    let writer = {
+        let (volume, second) = (volume.clone(), second.clone());
+        tokio::spawn(async move { write_all(&volume, &second, size / 2, size).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.kill("osd-node2-0");
+    writer.await.unwrap();
+    wait_for_map(&client, "the OSD marked down", |m| down_count(m) == 1).await;
+    wait_for_pgs(&cluster.mon_list(), "active+clean");
+
+    let mut expected = first[..(size / 2) as usize].to_vec();
+    expected.extend_from_slice(&second[(size / 2) as usize..]);
+    let back = volume.read(0, size).await.unwrap();
+    assert!(back[..] == expected[..], "acknowledged data lost");
+    let map: ClusterMap = client.refresh_map().await.unwrap().as_ref().clone();
+    drop(volume);
+    drop(client);
+
+    cluster.down().unwrap();
+    // Every PG's acting members hold the same objects at the same versions
+    // with the same bytes.
+    let mut stores: HashMap<OsdId, BTreeMap<(String, u64), StoredObject>> = HashMap::new();
+    for (id, data_dir) in osd_dirs(&cluster) {
+        let store = ObjectStore::open_dir(Path::new(&data_dir), StoreConfig::default())
+            .await
+            .unwrap();
+        assert!(store.fsck().await.unwrap().is_clean(), "{data_dir}");
+        let mut objects = BTreeMap::new();
+        for seed in 0..map.pools[&basalt_placement::PoolId(0)].pg_count {
+            let pg = basalt_placement::PgId::new(basalt_placement::PoolId(0), seed);
+            for (key, _) in store.list_pg(pg).unwrap() {
+                let (version, blocks) = store.object_contents(&key).await.unwrap().unwrap();
+                objects.insert(
+                    (pg.to_string(), key.object.index),
+                    (
+                        version,
+                        blocks.into_iter().map(|(i, b)| (i, b.to_vec())).collect(),
+                    ),
+                );
+            }
+        }
+        stores.insert(id, objects);
+        store.close().await;
+    }
+    let placer = Placer::new(&map);
+    let mut checked = 0;
+    for seed in 0..map.pools[&basalt_placement::PoolId(0)].pg_count {
+        let pg = basalt_placement::PgId::new(basalt_placement::PoolId(0), seed);
+        let acting = placer.acting_set(pg).unwrap().members;
+        assert_eq!(acting.len(), 3, "{pg} is not back to three copies");
+        let copies: Vec<BTreeMap<_, _>> = acting
+            .iter()
+            .map(|osd| {
+                stores[osd]
+                    .iter()
+                    .filter(|((p, _), _)| *p == pg.to_string())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .collect();
+        for (osd, copy) in acting.iter().zip(&copies).skip(1) {
+            assert!(
+                copy == &copies[0],
+                "{pg}: {osd} differs from the primary {} ({} vs {} objects)",
+                acting[0],
+                copy.len(),
+                copies[0].len()
+            );
+        }
+        checked += copies[0].len();
+    }
+    assert_eq!(
+        checked as u64,
+        size / (4 * MIB),
+        "every object accounted for"
+    );
+}
+
+/// Flips a byte of block `block` of `key` in the store at `dir` (stopped).
+async fn corrupt(dir: &str, key: &basalt_osd::store::ObjectKey, block: u32) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let store = ObjectStore::open_dir(Path::new(dir), StoreConfig::default())
+        .await
+        .unwrap();
+    let disk_block = store.locate(key, block).unwrap().unwrap();
+    store.close().await;
+    let (data, _) = basalt_osd::store::object_store::store_paths(Path::new(dir));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&data)
+        .unwrap();
+    let at = disk_block * 4096 + 100;
+    let mut byte = [0u8; 1];
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.read_exact(&mut byte).unwrap();
+    byte[0] ^= 0xff;
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.write_all(&byte).unwrap();
+    file.sync_all().unwrap();
+}
+
+fn scrub(mons: &str) -> Vec<serde_json::Value> {
+    let out = basalt(&["--mon", mons, "--json", "scrub", "--all", "--deep"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    reports
+        .into_iter()
+        .flat_map(|r| r["mismatches"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// A byte flipped on disk in the primary's copy of one block and in a
+/// replica's copy of another: reads return the right bytes (the primary
+/// repairs itself from a replica that verifies), a deep scrub reports the
+/// replica's bad copy and repairs it, and a second scrub finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_copies_are_never_read_and_scrub_repairs_them() {
+    let cluster = DevCluster::up("1G").unwrap();
+    let mons = cluster.mons();
+    let mon = MonClient::new(&mons).unwrap();
+    let size = 16 * MIB;
+    create_volume(&mon, "v", size).await;
+    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
+        .await
+        .unwrap();
+    let volume = client.open("rbd", "v").await.unwrap();
+    let data = seeded(size, 5);
+    write_all(&volume, &data, 0, size).await;
+    let map = client.refresh_map().await.unwrap();
+    let pg = map.pg_of_object(volume.id, 0).unwrap();
+    let acting = Placer::new(&map).acting_set(pg).unwrap().members;
+    let key = basalt_osd::store::ObjectKey {
+        pg,
+        object: basalt_placement::ObjectId {
+            volume: volume.id,
+            index: 0,
+        },
+    };
+    drop(volume);
+    drop(client);
+
+    cluster.down().unwrap();
+    let dirs = osd_dirs(&cluster);
+    corrupt(&dirs[&acting[0]], &key, 0).await;
+    corrupt(&dirs[&acting[1]], &key, 1).await;
+    cluster.up_again().unwrap();
+
+    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
+        .await
+        .unwrap();
+    let volume = client.open("rbd", "v").await.unwrap();
+    let back = volume.read(0, size).await.unwrap();
+    assert!(back[..] == data[..], "a read returned bad bytes");
+
+    let found = scrub(&cluster.mon_list());
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["osd"], acting[1].0);
+    assert_eq!(found[0]["repaired"], true);
+    assert!(found[0]["problem"].as_str().unwrap().contains("checksum"));
+    let again = scrub(&cluster.mon_list());
+    assert!(again.is_empty(), "scrub after repair: {again:?}");
+    let back = volume.read(0, size).await.unwrap();
+    assert!(back[..] == data[..]);
+}
