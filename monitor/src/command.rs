@@ -226,6 +226,7 @@ fn apply_to(map: &mut ClusterMap, command: &Command) -> CommandResult {
             entry.up = true;
             entry.in_ = true;
             entry.addr = Some(addr.clone());
+            entry.boots += 1;
             Ok(Reply::Osd { osd: id, epoch })
         }
         Command::MarkDown { osds } | Command::MarkUp { osds } | Command::MarkOut { osds } => {

@@ -1,7 +1,8 @@
 //! Seeded simulation of one replicated placement group through crashes,
-//! restarts, lost replication messages and lost recovery copies, driving the
-//! real recovery planner (`RecoveryPlan`) and the real version rule
-//! (`next_version_after`). Checks after every step:
+//! restarts, lost and late (reordered) replication messages and lost
+//! recovery copies, driving the real recovery planner (`RecoveryPlan`), the
+//! real version rule (`next_version_after`) and the replicas' rule for late
+//! deliveries (`replica_should_apply`). Checks after every step:
 //! - no acknowledged write is lost: the primary's copy of every object is the
 //!   last acknowledged write to it, or a write issued after it;
 //! - once peered, every member of the acting set holds the same version of
@@ -15,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use basalt_osd::recovery::{Inventory, RecoveryPlan, next_version_after};
+use basalt_osd::recovery::{Inventory, RecoveryPlan, next_version_after, replica_should_apply};
 use basalt_placement::{ObjectId, OsdId, VolumeId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -54,6 +55,9 @@ struct Sim {
     next_write: u64,
     /// object -> write id of the last acknowledged write.
     acked: BTreeMap<u64, u64>,
+    /// Replication messages still on the wire: (osd, object, copy, epoch
+    /// they were sent at).
+    late: Vec<(u32, u64, Copy, u64)>,
     trace: Vec<String>,
 }
 
@@ -86,6 +90,7 @@ impl Sim {
             peered: false,
             next_write: 1,
             acked: BTreeMap::new(),
+            late: Vec::new(),
             trace: Vec::new(),
         }
     }
@@ -181,7 +186,11 @@ impl Sim {
         let mut everyone = true;
         for (position, osd) in acting.iter().enumerate() {
             if position > 0 && self.lost() {
+                // Lost, or only late: it may still arrive after later writes.
                 everyone = false;
+                if self.rng.random_bool(0.5) {
+                    self.late.push((*osd, object, copy, self.epoch));
+                }
                 continue;
             }
             self.osds[*osd as usize].objects.insert(object, copy);
@@ -199,14 +208,42 @@ impl Sim {
         self.peered = false;
     }
 
+    /// Delivers one late replication message, if any, under the replicas'
+    /// rule.
+    fn deliver_late(&mut self) {
+        if self.late.is_empty() {
+            return;
+        }
+        let index = self.rng.random_range(0..self.late.len());
+        let (osd, object, copy, sent_at) = self.late.swap_remove(index);
+        let member = &mut self.osds[osd as usize];
+        if !member.up {
+            return;
+        }
+        let held = member.objects.get(&object).map(|c| c.version);
+        // Replication from an older interval is refused (the daemon checks
+        // the frame's epoch); within the interval, only newer versions apply.
+        let applied = sent_at >= self.epoch && replica_should_apply(held, copy.version);
+        if applied {
+            member.objects.insert(object, copy);
+        }
+        self.trace.push(format!(
+            "late delivery to osd.{osd} obj{object} w{} v{} applied={applied}",
+            copy.write, copy.version
+        ));
+    }
+
     fn step(&mut self) {
         let down = self.osds.iter().filter(|o| !o.up).count();
-        match self.rng.random_range(0..10) {
+        match self.rng.random_range(0..12) {
+            10 | 11 => self.deliver_late(),
             0 | 1 if down < SIZE - 1 => {
                 let osd = self.rng.random_range(0..OSDS);
                 if self.osds[osd as usize].up {
                     self.osds[osd as usize].up = false;
                     self.osds[osd as usize].counter = None;
+                    // Messages to a crashed OSD are gone with its sockets.
+                    self.late.retain(|(to, _, _, _)| *to != osd);
                     self.trace.push(format!("crash osd.{osd}"));
                     self.map_change();
                 }

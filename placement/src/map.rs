@@ -44,6 +44,11 @@ pub struct Osd {
     pub in_: bool,
     /// Data-plane address, `ip:port`, once the OSD has booted.
     pub addr: Option<String>,
+    /// How many times the OSD has booted. Every boot is a new epoch, so a
+    /// daemon that restarted within its heartbeat grace still starts a new
+    /// interval (replication from its previous incarnation is refused).
+    #[serde(default)]
+    pub boots: u64,
 }
 
 impl Osd {
@@ -231,6 +236,7 @@ impl ClusterMap {
                 up: true,
                 in_: true,
                 addr: None,
+                boots: 0,
             },
         );
         Ok(())

@@ -20,7 +20,10 @@ fn standard_clients_read_and_write_through_the_gateway() {
     let dev_nbd_port = cluster.nbd_port;
     let mons = cluster.mon_list();
     must_succeed(&basalt(&[
-        "--mon", &mons, "volume", "create", "disk", "--size", "128M",
+        "--mon", &mons, "volume", "create", "disk", "--size", "384M",
+    ]));
+    must_succeed(&basalt(&[
+        "--mon", &mons, "volume", "create", "copy", "--size", "384M",
     ]));
     let (mut gateway, nbd_addr) =
         start_gateway(dir.path(), "nbd", &mons, "127.0.1.2", &[]).unwrap();
@@ -32,14 +35,14 @@ fn standard_clients_read_and_write_through_the_gateway() {
     ));
     assert!(listed.contains("export=\"disk\""), "{listed}");
     let info = must_succeed(&must_run("nbdinfo", &[&uri]));
-    assert!(info.contains("export-size: 134217728"), "{info}");
+    assert!(info.contains("export-size: 402653184"), "{info}");
     assert!(
         info.contains("can_flush: true") && info.contains("can_fua: true"),
         "{info}"
     );
 
-    // 64 MiB of seeded data in and out with nbdcopy, compared; qemu-img agrees.
-    let mut data = vec![0u8; 64 << 20];
+    // 256 MiB of seeded data in and out with nbdcopy, compared; qemu-img agrees.
+    let mut data = vec![0u8; 256 << 20];
     ChaCha8Rng::seed_from_u64(8).fill_bytes(&mut data);
     let input = dir.path().join("in.bin");
     let output = dir.path().join("out.bin");
@@ -68,6 +71,45 @@ fn standard_clients_read_and_write_through_the_gateway() {
         ],
     ));
     assert!(compare.contains("identical"), "{compare}");
+    // qemu-img convert out of the gateway (to qcow2) and into it (another
+    // volume); both compare identical.
+    let qcow2 = dir.path().join("out.qcow2");
+    must_succeed(&must_run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &uri,
+            qcow2.to_str().unwrap(),
+        ],
+    ));
+    let copy_uri = format!("nbd://{nbd_addr}/copy");
+    must_succeed(&must_run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            qcow2.to_str().unwrap(),
+            &copy_uri,
+        ],
+    ));
+    for (format, image) in [
+        ("qcow2", qcow2.to_str().unwrap()),
+        ("raw", copy_uri.as_str()),
+    ] {
+        let compare = must_succeed(&must_run(
+            "qemu-img",
+            &["compare", "-f", format, "-F", "raw", image, &uri],
+        ));
+        assert!(compare.contains("identical"), "{format}: {compare}");
+    }
 
     // Odd offsets and lengths past the copied data (qemu-io
     // read-modify-writes around 4 KiB blocks); neighbours stay zero.
@@ -77,11 +119,11 @@ fn standard_clients_read_and_write_through_the_gateway() {
             "-f",
             "raw",
             "-c",
-            "write -P 0xab 73401320 3000",
+            "write -P 0xab 314573800 3000",
             "-c",
-            "read -P 0xab 73401320 3000",
+            "read -P 0xab 314573800 3000",
             "-c",
-            "read -P 0 73404320 96",
+            "read -P 0 314576800 96",
             &uri,
         ],
     ));
@@ -94,10 +136,10 @@ fn standard_clients_read_and_write_through_the_gateway() {
         .map(|l| l.split_whitespace().collect())
         .collect();
     let expected = [
-        ["0", "67108864", "0", "data"],
-        ["67108864", "6291456", "3", "hole,zero"],
-        ["73400320", "4096", "0", "data"],
-        ["73404416", "60813312", "3", "hole,zero"],
+        ["0", "268435456", "0", "data"],
+        ["268435456", "46137344", "3", "hole,zero"],
+        ["314572800", "4096", "0", "data"],
+        ["314576896", "88076288", "3", "hole,zero"],
     ];
     for (got, want) in extents.iter().zip(expected.iter()) {
         assert_eq!(got, want, "{map}");
@@ -116,11 +158,11 @@ fn standard_clients_read_and_write_through_the_gateway() {
     raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = raw.read_to_end(&mut rest);
     let info = must_succeed(&must_run("nbdinfo", &["--size", &uri]));
-    assert_eq!(info.trim(), "134217728");
+    assert_eq!(info.trim(), "402653184");
     // The gateway `dev up` started on node 3 serves the same volume.
     let node3 = format!("nbd://127.0.1.3:{dev_nbd_port}/disk");
     let size = must_succeed(&must_run("nbdinfo", &["--size", &node3]));
-    assert_eq!(size.trim(), "134217728");
+    assert_eq!(size.trim(), "402653184");
     assert!(gateway.is_running());
 
     // A connected client shows in `basalt status` (gateways report every 2 s).
@@ -180,7 +222,7 @@ fn standard_clients_read_and_write_through_the_gateway() {
         "expected the gateway's EPERM, got: {stderr}"
     );
     let read = must_succeed(&must_run("nbdinfo", &["--size", &ro_uri]));
-    assert_eq!(read.trim(), "134217728");
+    assert_eq!(read.trim(), "402653184");
 }
 
 /// fio writes with crc32c verification headers through the gateway at queue

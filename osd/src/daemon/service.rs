@@ -183,6 +183,20 @@ impl OsdService {
             Kind::RepWrite | Kind::RepWriteZeroes | Kind::RepDiscard
         );
         if replica_op {
+            // Ops from an older interval are refused: a primary that has not
+            // seen the current map may no longer be the primary. It learns
+            // the epoch from the reply and the client retries.
+            if frame.epoch < epoch {
+                return reply(
+                    &frame,
+                    Status::StaleEpoch,
+                    epoch,
+                    message(format!(
+                        "replication at epoch {} but {} is at {epoch}",
+                        frame.epoch, self.id
+                    )),
+                );
+            }
             if !acting.members.contains(&self.id) {
                 return reply(
                     &frame,
@@ -208,10 +222,10 @@ impl OsdService {
             );
         }
         if frame.kind == Kind::PgStat {
-            return self.pg_stat(&frame, key.pg, &acting.members, epoch);
+            return self.pg_stat(&frame, key.pg, &acting.members, &map);
         }
         // A PG serves no client op until this primary has peered it.
-        if let Err(reason) = self.ensure_active(key.pg, &acting.members).await {
+        if let Err(reason) = self.ensure_active(key.pg, &acting.members, &map).await {
             return reply(&frame, Status::Busy, epoch, message(reason));
         }
         match frame.kind {
@@ -320,21 +334,25 @@ impl OsdService {
 
     /// Answers `PgStat`: object count (u64), then the peering phase as
     /// text (`active`, `peering`, `recovering N/M`, `incomplete: why`).
-    fn pg_stat(&self, frame: &Frame, pg: PgId, acting: &[OsdId], epoch: u64) -> Frame {
+    fn pg_stat(&self, frame: &Frame, pg: PgId, acting: &[OsdId], map: &ClusterMap) -> Frame {
+        let epoch = map.epoch.0;
         let objects = match self.store.list_pg(pg) {
             Ok(objects) => objects.len() as u64,
             Err(e) => return reply(frame, store_status(&e), epoch, message(e.to_string())),
         };
-        let phase = match self.pg_phase(pg) {
-            Some(p) if p.acting != acting => "peering".to_string(),
-            None => "peering".to_string(),
-            Some(p) => match p.phase {
-                PgPhase::Active => "active".to_string(),
-                PgPhase::Recovering { to_copy, copied } => {
-                    format!("recovering {copied}/{to_copy}")
-                }
-                PgPhase::Incomplete(why) => format!("incomplete: {why}"),
-            },
+        let phase = if self.is_active(pg, acting, map) {
+            "active".to_string()
+        } else {
+            match self.pg_phase(pg) {
+                Some(p) if p.acting == acting => match p.phase {
+                    PgPhase::Recovering { to_copy, copied } => {
+                        format!("recovering {copied}/{to_copy}")
+                    }
+                    PgPhase::Incomplete(why) => format!("incomplete: {why}"),
+                    PgPhase::Active => "peering".to_string(),
+                },
+                _ => "peering".to_string(),
+            }
         };
         let mut out = BytesMut::with_capacity(8 + phase.len());
         out.put_u64_le(objects);
@@ -366,6 +384,20 @@ impl OsdService {
             .map_err(|e| format!("replica {osd}: {e}"))?;
         match connection.call(frame, REPLICA_TIMEOUT).await {
             Ok(reply) if reply.status == Status::Ok as u32 => Ok(()),
+            Ok(reply) if reply.status == Status::StaleEpoch as u32 => {
+                // Fetch the replica's newer map before the client retries.
+                self.want_epoch.send_if_modified(|wanted| {
+                    let newer = reply.epoch > *wanted;
+                    if newer {
+                        *wanted = reply.epoch;
+                    }
+                    newer
+                });
+                Err(format!(
+                    "replica {osd} is at a newer epoch: {}",
+                    String::from_utf8_lossy(&reply.payload)
+                ))
+            }
             Ok(reply) => Err(format!(
                 "replica {osd} answered {:?}: {}",
                 Status::from_u32(reply.status),
@@ -386,6 +418,27 @@ impl OsdService {
         data: Bytes,
         epoch: u64,
     ) -> Frame {
+        if matches!(
+            frame.kind,
+            Kind::RepWrite | Kind::RepWriteZeroes | Kind::RepDiscard
+        ) {
+            // A replication that arrives after a newer one to the same
+            // object (it was delayed past the primary's timeout, and the
+            // client retried) must not roll the object back.
+            match self.store.stat(key).await {
+                Ok(Some(stat))
+                    if !crate::recovery::replica_should_apply(
+                        Some(stat.version),
+                        header.version,
+                    ) =>
+                {
+                    tracing::debug!(%key, held = stat.version, late = header.version, "ignoring a late replication");
+                    return reply(frame, Status::Ok, epoch, Bytes::new());
+                }
+                Ok(_) => {}
+                Err(e) => return reply(frame, store_status(&e), epoch, message(e.to_string())),
+            }
+        }
         let result = match frame.kind {
             Kind::Write | Kind::RepWrite => {
                 if data.len() != header.length as usize {

@@ -28,3 +28,12 @@ pub use plan::{Copy, Inventory, RecoveryPlan};
 pub fn next_version_after(counter: u64, max_seen: u64, epoch: u64) -> u64 {
     counter.max(max_seen).max(epoch << 32)
 }
+
+/// Returns whether a replica applies a replicated change of `incoming`
+/// version to an object it holds at `held`: only a newer one. An older one
+/// is a late delivery the primary already gave up on (and the client
+/// retried); applying it would roll the object back behind acknowledged
+/// writes.
+pub fn replica_should_apply(held: Option<u64>, incoming: u64) -> bool {
+    held.is_none_or(|held| incoming > held)
+}

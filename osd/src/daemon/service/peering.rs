@@ -82,7 +82,19 @@ pub enum PgPhase {
 #[derive(Clone, Debug)]
 pub struct PgPeering {
     pub acting: Vec<OsdId>,
+    /// Boot count of each member when peered: a member that restarted
+    /// (even within its heartbeat grace) may have missed writes, so the PG
+    /// peers again.
+    pub boots: Vec<u64>,
     pub phase: PgPhase,
+}
+
+/// Returns the boot count of each OSD of `acting` in `map`.
+fn boots_of(map: &ClusterMap, acting: &[OsdId]) -> Vec<u64> {
+    acting
+        .iter()
+        .map(|osd| map.osds.get(osd).map_or(0, |o| o.boots))
+        .collect()
 }
 
 /// Recovery bandwidth accounting shared by every copy of this OSD.
@@ -258,33 +270,41 @@ impl OsdService {
             .cloned()
     }
 
-    fn set_phase(&self, pg: PgId, acting: &[OsdId], phase: PgPhase) {
+    fn set_phase(&self, pg: PgId, acting: &[OsdId], map: &ClusterMap, phase: PgPhase) {
         self.pgs.lock().unwrap_or_else(|e| e.into_inner()).insert(
             pg,
             PgPeering {
                 acting: acting.to_vec(),
+                boots: boots_of(map, acting),
                 phase,
             },
         );
     }
 
-    fn is_active(&self, pg: PgId, acting: &[OsdId]) -> bool {
-        self.pg_phase(pg)
-            .is_some_and(|p| p.phase == PgPhase::Active && p.acting == acting)
+    /// Returns whether `pg` is peered for `acting` as `map` has it.
+    pub(super) fn is_active(&self, pg: PgId, acting: &[OsdId], map: &ClusterMap) -> bool {
+        self.pg_phase(pg).is_some_and(|p| {
+            p.phase == PgPhase::Active && p.acting == acting && p.boots == boots_of(map, acting)
+        })
     }
 
     /// Waits (briefly) until `pg` is active for `acting`: wakes the
     /// recovery task, which does the peering, and polls. Client ops never
     /// run peering themselves, so a client that gives up cancels nothing.
-    pub(super) async fn ensure_active(&self, pg: PgId, acting: &[OsdId]) -> Result<(), String> {
-        if self.is_active(pg, acting) {
+    pub(super) async fn ensure_active(
+        &self,
+        pg: PgId,
+        acting: &[OsdId],
+        map: &ClusterMap,
+    ) -> Result<(), String> {
+        if self.is_active(pg, acting, map) {
             return Ok(());
         }
         self.recovery_wakeup.notify_one();
         let started = Instant::now();
         while started.elapsed() < CLIENT_WAIT_FOR_PEERING {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            if self.is_active(pg, acting) {
+            if self.is_active(pg, acting, map) {
                 return Ok(());
             }
         }
@@ -305,12 +325,12 @@ impl OsdService {
             locks.entry(pg).or_default().clone()
         };
         let _one_at_a_time = lock.lock().await;
-        if self.is_active(pg, acting) {
+        if self.is_active(pg, acting, map) {
             return;
         }
         if let Err(reason) = self.peer(pg, acting, map).await {
             tracing::warn!(%pg, "peering incomplete: {reason}");
-            self.set_phase(pg, acting, PgPhase::Incomplete(reason));
+            self.set_phase(pg, acting, map, PgPhase::Incomplete(reason));
         }
     }
 
@@ -320,6 +340,7 @@ impl OsdService {
         self.set_phase(
             pg,
             acting,
+            map,
             PgPhase::Recovering {
                 to_copy: 0,
                 copied: 0,
@@ -370,7 +391,7 @@ impl OsdService {
         if to_copy > 0 {
             tracing::info!(%pg, objects = to_copy, members = ?plan.missing_by_member, "recovering");
         }
-        self.set_phase(pg, acting, PgPhase::Recovering { to_copy, copied: 0 });
+        self.set_phase(pg, acting, map, PgPhase::Recovering { to_copy, copied: 0 });
         let copied = std::sync::atomic::AtomicU64::new(0);
         let copied = &copied;
         let mut copies = futures::stream::iter(plan.copies.clone())
@@ -381,6 +402,7 @@ impl OsdService {
                     self.set_phase(
                         pg,
                         acting,
+                        map,
                         PgPhase::Recovering {
                             to_copy,
                             copied: done,
@@ -403,7 +425,7 @@ impl OsdService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(pg, acting.to_vec());
-        self.set_phase(pg, acting, PgPhase::Active);
+        self.set_phase(pg, acting, map, PgPhase::Active);
         if to_copy > 0 {
             tracing::info!(%pg, objects = to_copy, ms = started.elapsed().as_millis() as u64, "recovered");
         }
@@ -554,7 +576,7 @@ impl OsdService {
                         let acting = placer.acting_set(pg).ok()?;
                         (acting.primary() == Some(self.id)).then_some((pg, acting.members))
                     })
-                    .filter(|(pg, acting)| !self.is_active(*pg, acting))
+                    .filter(|(pg, acting)| !self.is_active(*pg, acting, &current))
                     .collect()
             };
             let map = current.clone();
@@ -581,7 +603,7 @@ impl OsdService {
                             let acting = placer.acting_set(pg).ok()?;
                             (acting.primary() == Some(self.id)).then_some((pg, acting.members))
                         })
-                        .filter(|(pg, acting)| self.is_active(*pg, acting))
+                        .filter(|(pg, acting)| self.is_active(*pg, acting, &current))
                         .collect()
                 };
                 for (pg, acting) in led {
