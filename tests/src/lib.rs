@@ -31,6 +31,23 @@ pub fn basalt_bin() -> PathBuf {
     bin
 }
 
+/// Returns the path of workspace binary `name` built in the same profile
+/// as the running test (`cargo build` puts them side by side).
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary has a path");
+    let here = exe.parent().expect("binary has a directory");
+    let bin = [here.join(name), here.join("..").join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join("..").join(name));
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        bin.display()
+    );
+    bin
+}
+
 /// Returns a port on `ip` that was free a moment ago.
 pub fn free_port(ip: &str) -> u16 {
     let listener = TcpListener::bind((ip, 0)).expect("bind a loopback address");
