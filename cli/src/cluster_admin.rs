@@ -128,7 +128,10 @@ pub fn pg_ls(mon: &str, pool: &str, as_json: bool) -> anyhow::Result<()> {
                     Ok((count, phase)) => {
                         // The primary's peering phase refines the map's view:
                         // a PG is only active once its primary peered it.
-                        if phase != "active" && !phase.is_empty() {
+                        if phase.starts_with("recovering") {
+                            // Serving while it copies: active+recovering N/M.
+                            state = state.replacen("active", &format!("active+{phase}"), 1);
+                        } else if phase != "active" && !phase.is_empty() {
                             state = state.replacen("active", &phase, 1);
                             if !state.contains(&phase) {
                                 state = format!("{phase}+{state}");

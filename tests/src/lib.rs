@@ -260,9 +260,14 @@ where
 
 /// Runs `basalt ARGS` (logging at warn) and returns its output.
 pub fn basalt(args: &[&str]) -> std::process::Output {
+    basalt_logging("warn", args)
+}
+
+/// Runs `basalt ARGS` with `RUST_LOG=level` (which daemons it starts inherit).
+pub fn basalt_logging(level: &str, args: &[&str]) -> std::process::Output {
     Command::new(basalt_bin())
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", level)
         .output()
         .expect("the basalt binary runs")
 }
@@ -307,22 +312,27 @@ impl DevCluster {
             self.osd_port.to_string(),
             self.nbd_port.to_string(),
         );
-        let out = basalt(&[
-            "dev",
-            "up",
-            "--dir",
-            &dir,
-            "--nodes",
-            &self.nodes.to_string(),
-            "--osd-size",
-            &self.osd_size,
-            "--mon-port",
-            &mon,
-            "--osd-port",
-            &osd,
-            "--nbd-port",
-            &nbd,
-        ]);
+        // The daemons inherit RUST_LOG from `dev up`: info, so their logs
+        // show peering and recovery (tests grep them; benches count them).
+        let out = basalt_logging(
+            "info",
+            &[
+                "dev",
+                "up",
+                "--dir",
+                &dir,
+                "--nodes",
+                &self.nodes.to_string(),
+                "--osd-size",
+                &self.osd_size,
+                "--mon-port",
+                &mon,
+                "--osd-port",
+                &osd,
+                "--nbd-port",
+                &nbd,
+            ],
+        );
         if !out.status.success() {
             bail!(
                 "dev up failed: {}{}",

@@ -38,6 +38,9 @@ const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Object lock stripes on the primary.
 const ORDER_STRIPES: usize = 1024;
 
+/// The copies a recovering PG still has to make, by object.
+type PendingCopies = HashMap<basalt_placement::ObjectId, crate::recovery::Copy>;
+
 /// The data-plane side of one OSD.
 pub struct OsdService {
     pub id: OsdId,
@@ -61,6 +64,8 @@ pub struct OsdService {
     throttle: Mutex<peering::Throttle>,
     /// Wakes the recovery task (a client op found its PG unsettled).
     recovery_wakeup: tokio::sync::Notify,
+    /// Objects each recovering PG still has to copy.
+    pending: Mutex<HashMap<PgId, PendingCopies>>,
 }
 
 fn reply(request: &Frame, status: Status, epoch: u64, payload: Bytes) -> Frame {
@@ -112,6 +117,7 @@ impl OsdService {
             recovery,
             throttle: Mutex::new(peering::Throttle::default()),
             recovery_wakeup: tokio::sync::Notify::new(),
+            pending: Mutex::new(HashMap::new()),
         }
     }
 
@@ -228,6 +234,11 @@ impl OsdService {
         if let Err(reason) = self.ensure_active(key.pg, &acting.members, &map).await {
             return reply(&frame, Status::Busy, epoch, message(reason));
         }
+        if frame.kind != Kind::PgScrub
+            && let Err(reason) = self.recover_if_pending(&key, &map).await
+        {
+            return reply(&frame, Status::Busy, epoch, message(reason));
+        }
         match frame.kind {
             Kind::Read => match self
                 .store
@@ -341,15 +352,17 @@ impl OsdService {
             Err(e) => return reply(frame, store_status(&e), epoch, message(e.to_string())),
         };
         let phase = if self.is_active(pg, acting, map) {
-            "active".to_string()
+            match self.pg_phase(pg).map(|p| p.phase) {
+                Some(PgPhase::Recovering { to_copy, copied }) => {
+                    format!("recovering {copied}/{to_copy}")
+                }
+                _ => "active".to_string(),
+            }
         } else {
             match self.pg_phase(pg) {
                 Some(p) if p.acting == acting => match p.phase {
-                    PgPhase::Recovering { to_copy, copied } => {
-                        format!("recovering {copied}/{to_copy}")
-                    }
                     PgPhase::Incomplete(why) => format!("incomplete: {why}"),
-                    PgPhase::Active => "peering".to_string(),
+                    _ => "peering".to_string(),
                 },
                 _ => "peering".to_string(),
             }

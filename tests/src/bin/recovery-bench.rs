@@ -5,8 +5,9 @@
 //!
 //! Each round starts a fresh cluster, fills a volume so that every OSD holds
 //! about `--gib` GiB, SIGKILLs one OSD and measures, from the monitors' down
-//! verdict until every PG's primary reports it active again: the recovery
-//! bandwidth (bytes the primaries copied, from their logs, over that time)
+//! verdict until every PG's primary reports it active and clean again: the
+//! recovery bandwidth (bytes the primaries planned to copy, from their logs,
+//! over that time)
 //! and, in the loaded round, the client's 4 KiB random IOPS (70% reads) in
 //! that window as a fraction of its IOPS before the kill.
 
@@ -135,7 +136,8 @@ fn start_load(volume: Volume, size: u64, depth: usize, ops: Arc<AtomicU64>, stop
     }
 }
 
-/// Sum of `objects=N` on the "recovered" lines of every OSD log.
+/// Sum of `objects=N` on the "recovering" lines of every OSD log: the
+/// copies each primary planned (made by recovery or, first, by client ops).
 fn recovered_objects(dir: &std::path::Path) -> u64 {
     let mut total = 0;
     for entry in std::fs::read_dir(dir.join("logs"))
@@ -144,7 +146,7 @@ fn recovered_objects(dir: &std::path::Path) -> u64 {
         .flatten()
     {
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        for line in text.lines().filter(|l| l.contains(" recovered")) {
+        for line in text.lines().filter(|l| l.contains(": recovering ")) {
             if let Some(n) = line
                 .split_whitespace()
                 .find_map(|f| f.strip_prefix("objects="))
@@ -239,9 +241,13 @@ async fn round(args: &Args, client_load: bool) -> anyhow::Result<Round> {
         report.client_iops_fraction = report.client_iops_during / report.client_iops_before;
         stop.store(1, Ordering::Relaxed);
     }
-    // Give the primaries a moment to log their last "recovered" lines.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     report.recovered_objects = recovered_objects(cluster.dir.path()) - already;
+    if report.recovered_objects == 0 {
+        eprintln!(
+            "recovery-bench: no \"recovering\" lines in {}/logs",
+            cluster.dir.path().display()
+        );
+    }
     report.recovered_bytes = report.recovered_objects * 4 * MIB;
     report.recovery_mib_per_sec =
         report.recovered_bytes as f64 / MIB as f64 / report.recovery_seconds;

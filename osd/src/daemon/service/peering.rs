@@ -37,6 +37,8 @@ use crate::store::ObjectKey;
 
 /// How long a client op waits for its PG to finish peering before `Busy`.
 const CLIENT_WAIT_FOR_PEERING: Duration = Duration::from_secs(3);
+/// PGs peered at once (inventories and planning; no data moves).
+const PEERING_CONCURRENCY: usize = 16;
 /// Deadline of one peering request to another OSD.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,7 +71,10 @@ impl Default for RecoveryConfig {
 /// Where a PG stands on its primary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PgPhase {
-    /// Gathering inventories or copying objects: `copied` of `to_copy`.
+    /// Gathering the members' inventories; no I/O yet.
+    Peering,
+    /// Serving I/O while copying objects (`copied` of `to_copy`); an op on
+    /// an object still to copy copies it first.
     Recovering { to_copy: u64, copied: u64 },
     /// Settled for `acting`; serving I/O.
     Active,
@@ -284,7 +289,9 @@ impl OsdService {
     /// Returns whether `pg` is peered for `acting` as `map` has it.
     pub(super) fn is_active(&self, pg: PgId, acting: &[OsdId], map: &ClusterMap) -> bool {
         self.pg_phase(pg).is_some_and(|p| {
-            p.phase == PgPhase::Active && p.acting == acting && p.boots == boots_of(map, acting)
+            matches!(p.phase, PgPhase::Active | PgPhase::Recovering { .. })
+                && p.acting == acting
+                && p.boots == boots_of(map, acting)
         })
     }
 
@@ -337,15 +344,7 @@ impl OsdService {
     /// Peers and recovers `pg` for `acting`.
     async fn peer(&self, pg: PgId, acting: &[OsdId], map: &Arc<ClusterMap>) -> Result<(), String> {
         let started = Instant::now();
-        self.set_phase(
-            pg,
-            acting,
-            map,
-            PgPhase::Recovering {
-                to_copy: 0,
-                copied: 0,
-            },
-        );
+        self.set_phase(pg, acting, map, PgPhase::Peering);
         let mut sources: Vec<OsdId> = acting.to_vec();
         let earlier = self
             .settled
@@ -391,42 +390,92 @@ impl OsdService {
         if to_copy > 0 {
             tracing::info!(%pg, objects = to_copy, members = ?plan.missing_by_member, "recovering");
         }
-        self.set_phase(pg, acting, map, PgPhase::Recovering { to_copy, copied: 0 });
-        let copied = std::sync::atomic::AtomicU64::new(0);
-        let copied = &copied;
-        let mut copies = futures::stream::iter(plan.copies.clone())
-            .map(|copy| async move {
-                let result = self.copy_object(pg, &copy, map).await;
-                if result.is_ok() {
-                    let done = copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    self.set_phase(
-                        pg,
-                        acting,
-                        map,
-                        PgPhase::Recovering {
-                            to_copy,
-                            copied: done,
-                        },
-                    );
-                }
-                result
-            })
-            .buffer_unordered(self.recovery.recovery_copies_in_flight.max(1));
-        while let Some(result) = copies.next().await {
-            result?;
-        }
-        drop(copies);
+        // Versions first: once the PG serves, its writes must number above
+        // everything any member holds.
         {
             let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
             let counter = versions.entry(pg).or_insert(0);
             *counter = next_version_after(*counter, plan.max_version, map.epoch.0);
         }
-        self.settled
+        self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(pg, acting.to_vec());
-        self.set_phase(pg, acting, map, PgPhase::Active);
-        if to_copy > 0 {
+            .insert(
+                pg,
+                plan.copies
+                    .iter()
+                    .map(|copy| (copy.object, copy.clone()))
+                    .collect(),
+            );
+        // From here the PG serves I/O; an op on an object still to copy
+        // copies it first (`recover_if_pending`). The copies themselves run
+        // in `copy_pg`, a few PGs at a time, after every PG has peered.
+        if to_copy == 0 {
+            self.settled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(pg, acting.to_vec());
+            self.set_phase(pg, acting, map, PgPhase::Active);
+        } else {
+            self.set_phase(pg, acting, map, PgPhase::Recovering { to_copy, copied: 0 });
+        }
+        tracing::debug!(%pg, ms = started.elapsed().as_millis() as u64, "peered");
+        Ok(())
+    }
+
+    /// Makes the copies `pg` still has pending (throttled), then marks it
+    /// active and clean.
+    async fn copy_pg(
+        &self,
+        pg: PgId,
+        acting: &[OsdId],
+        map: &Arc<ClusterMap>,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let objects: Vec<ObjectId> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pg)
+            .map(|objects| objects.keys().copied().collect())
+            .unwrap_or_default();
+        let to_copy = objects.len() as u64;
+        let copied = std::sync::atomic::AtomicU64::new(0);
+        let copied = &copied;
+        let mut copies = futures::stream::iter(objects)
+            .map(|object| async move {
+                let result = self.recover_object(pg, object, map, true).await;
+                if result.is_ok() {
+                    let done = copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if self.is_active(pg, acting, map) {
+                        self.set_phase(
+                            pg,
+                            acting,
+                            map,
+                            PgPhase::Recovering {
+                                to_copy,
+                                copied: done,
+                            },
+                        );
+                    }
+                }
+                result
+            })
+            .buffer_unordered(self.recovery.recovery_copies_in_flight.max(1));
+        while let Some(result) = copies.next().await {
+            if let Err(reason) = result {
+                self.set_phase(pg, acting, map, PgPhase::Incomplete(reason.clone()));
+                return Err(reason);
+            }
+        }
+        drop(copies);
+        // Only if nothing re-peered the PG meanwhile.
+        if self.is_active(pg, acting, map) {
+            self.settled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(pg, acting.to_vec());
+            self.set_phase(pg, acting, map, PgPhase::Active);
             tracing::info!(%pg, objects = to_copy, ms = started.elapsed().as_millis() as u64, "recovered");
         }
         Ok(())
@@ -459,12 +508,66 @@ impl OsdService {
         decode_inventory(payload).ok_or_else(|| format!("{osd} sent a malformed inventory"))
     }
 
+    /// Copies `object` of `pg` if it is still to copy; holds the object's
+    /// ordering lock meanwhile, so a client write to it waits for the copy
+    /// (a write to a member without the object would leave it partial).
+    async fn recover_object(
+        &self,
+        pg: PgId,
+        object: ObjectId,
+        map: &ClusterMap,
+        throttled: bool,
+    ) -> Result<(), String> {
+        let key = ObjectKey { pg, object };
+        let _order = self.order[self.stripe(&key)].lock().await;
+        let copy = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pg)
+            .and_then(|objects| objects.get(&object))
+            .cloned();
+        let Some(copy) = copy else {
+            return Ok(());
+        };
+        self.copy_object(pg, &copy, map, throttled).await?;
+        if let Some(objects) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&pg)
+        {
+            objects.remove(&object);
+        }
+        Ok(())
+    }
+
+    /// Before a client op on `key`: copies the object first if recovery has
+    /// not reached it yet.
+    pub(super) async fn recover_if_pending(
+        &self,
+        key: &ObjectKey,
+        map: &ClusterMap,
+    ) -> Result<(), String> {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key.pg)
+            .is_some_and(|objects| objects.contains_key(&key.object));
+        if !pending {
+            return Ok(());
+        }
+        self.recover_object(key.pg, key.object, map, false).await
+    }
+
     /// Copies one object from its source to its targets.
     async fn copy_object(
         &self,
         pg: PgId,
         copy: &crate::recovery::Copy,
         map: &ClusterMap,
+        throttled: bool,
     ) -> Result<(), String> {
         let key = ObjectKey {
             pg,
@@ -513,7 +616,8 @@ impl OsdService {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .charge(bytes.max(4096), self.recovery.recovery_bytes_per_sec_max);
-            if !pause.is_zero() {
+            // Copies a client op waits for are not held back.
+            if throttled && !pause.is_zero() {
                 tokio::time::sleep(pause).await;
             }
         }
@@ -581,16 +685,50 @@ impl OsdService {
             };
             let map = current.clone();
             let service = &self;
-            let work = futures::stream::iter(mine)
+            // Peer every PG first (cheap: inventories and a plan) so all of
+            // them serve again quickly, then copy, a few PGs at a time.
+            let peering = futures::stream::iter(mine.clone())
                 .map(|(pg, acting)| {
                     let map = map.clone();
                     async move { service.settle(pg, &acting, &map).await }
+                })
+                .buffer_unordered(PEERING_CONCURRENCY)
+                .collect::<Vec<()>>();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = peering => {}
+            }
+            // Every PG still recovering (client ops may already have copied
+            // all it had pending: then this only marks it clean).
+            let recovering: Vec<(PgId, Vec<OsdId>)> = {
+                let placer = Placer::new(&current);
+                pgs_of(&current)
+                    .into_iter()
+                    .filter(|pg| {
+                        self.pg_phase(*pg)
+                            .is_some_and(|p| matches!(p.phase, PgPhase::Recovering { .. }))
+                    })
+                    .filter_map(|pg| {
+                        let acting = placer.acting_set(pg).ok()?;
+                        (acting.primary() == Some(self.id)).then_some((pg, acting.members))
+                    })
+                    .filter(|(pg, acting)| self.is_active(*pg, acting, &current))
+                    .collect()
+            };
+            let copying = futures::stream::iter(recovering)
+                .map(|(pg, acting)| {
+                    let map = map.clone();
+                    async move {
+                        if let Err(e) = service.copy_pg(pg, &acting, &map).await {
+                            tracing::warn!(%pg, "recovery incomplete: {e}");
+                        }
+                    }
                 })
                 .buffer_unordered(self.recovery.recovery_max_active.max(1))
                 .collect::<Vec<()>>();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = work => {}
+                _ = copying => {}
             }
             let interval = self.recovery.scrub_interval_secs;
             if interval > 0 && last_scrub.elapsed() > Duration::from_secs(interval) {
