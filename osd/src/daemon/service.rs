@@ -234,8 +234,9 @@ impl OsdService {
         if let Err(reason) = self.ensure_active(key.pg, &acting.members, &map).await {
             return reply(&frame, Status::Busy, epoch, message(reason));
         }
+        let writes = matches!(frame.kind, Kind::Write | Kind::WriteZeroes | Kind::Discard);
         if frame.kind != Kind::PgScrub
-            && let Err(reason) = self.recover_if_pending(&key, &map).await
+            && let Err(reason) = self.recover_if_pending(&key, &map, writes).await
         {
             return reply(&frame, Status::Busy, epoch, message(reason));
         }

@@ -543,19 +543,24 @@ impl OsdService {
     }
 
     /// Before a client op on `key`: copies the object first if recovery has
-    /// not reached it yet.
+    /// not reached it yet and the op needs it (`writes`, or a read of an
+    /// object this primary lacks).
     pub(super) async fn recover_if_pending(
         &self,
         key: &ObjectKey,
         map: &ClusterMap,
+        writes: bool,
     ) -> Result<(), String> {
-        let pending = self
+        let needed = self
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key.pg)
-            .is_some_and(|objects| objects.contains_key(&key.object));
-        if !pending {
+            .and_then(|objects| objects.get(&key.object))
+            // A read needs the copy only when this primary lacks the newest
+            // version; a write always (every member must hold the object).
+            .is_some_and(|copy| writes || copy.targets.contains(&self.id));
+        if !needed {
             return Ok(());
         }
         self.recover_object(key.pg, key.object, map, false).await
