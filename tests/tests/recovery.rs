@@ -125,14 +125,40 @@ fn osd_dirs(cluster: &DevCluster) -> HashMap<OsdId, String> {
     dirs
 }
 
+/// Returns the name of the monitor leader (`mon1`...), as `status` says.
+fn leader(mons: &str) -> String {
+    let out = basalt(&["--mon", mons, "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["leader"].as_str().unwrap().to_string()
+}
+
+/// A deep scrub of every PG finds nothing to repair.
+fn assert_scrub_clean(mons: &str) {
+    let out = basalt(&["--mon", mons, "--json", "scrub", "--all", "--deep"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mismatches: Vec<&serde_json::Value> = reports
+        .iter()
+        .flat_map(|r| r["mismatches"].as_array().into_iter().flatten())
+        .collect();
+    assert!(mismatches.is_empty(), "scrub found {mismatches:?}");
+    let objects: u64 = reports.iter().map(|r| r["objects"].as_u64().unwrap()).sum();
+    assert!(objects > 0, "scrub saw no objects");
+}
+
 fn down_count(map: &ClusterMap) -> usize {
     map.osds.values().filter(|o| !o.up).count()
 }
 
-/// An OSD is SIGKILLed; the volume is rewritten while it is down (and the
-/// first monitor killed too); the OSD is restarted. It is primary of about
+/// An OSD is SIGKILLed, and the monitor leader with it; the volume is
+/// rewritten while it is down; the OSD is restarted. It is primary of about
 /// a third of the PGs again, and every byte read back is the new data: it
-/// caught up before serving, where it used to serve what it had.
+/// caught up before serving, where it used to serve what it had. A deep
+/// scrub then finds every copy identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_osd_catches_up_before_it_serves() {
     let cluster = DevCluster::up("1G").unwrap();
@@ -148,7 +174,9 @@ async fn restarted_osd_catches_up_before_it_serves() {
     write_all(&volume, &old, 0, size).await;
 
     cluster.kill("osd-node1-0");
-    cluster.kill("mon1");
+    // The monitor leader goes too: I/O must continue under the new one.
+    let leader = leader(&cluster.mon_list());
+    cluster.kill(&leader);
     let new = seeded(size, 2);
     // Writes wait for the down verdict, then go on with two copies.
     write_all(&volume, &new, 0, size).await;
@@ -165,13 +193,14 @@ async fn restarted_osd_catches_up_before_it_serves() {
         .count();
     assert_eq!(stale, 0, "{stale} objects read back stale or wrong");
     wait_for_pgs(&cluster.mon_list(), "active+clean");
+    assert_scrub_clean(&cluster.mon_list());
 }
 
 /// 4 nodes, size 3: an OSD is SIGKILLed while writes continue; its PGs get
-/// stand-ins, which recovery backfills. Once every PG is active+clean, the
-/// stores (read offline after `dev down`) hold every object on exactly the
-/// members of its PG's acting set, all with the same version and bytes, and
-/// the volume reads back exactly what was acknowledged.
+/// stand-ins, which recovery backfills. Once every PG is active+clean, a
+/// deep scrub finds nothing, the stores (read offline after `dev down`) hold
+/// every object on the members of its PG's acting set with the same version
+/// and bytes, and the volume reads back exactly what was acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stand_ins_are_backfilled_to_identical_copies() {
     let cluster = DevCluster::up_nodes(4, "1G").unwrap();
@@ -205,6 +234,7 @@ async fn stand_ins_are_backfilled_to_identical_copies() {
     let map: ClusterMap = client.refresh_map().await.unwrap().as_ref().clone();
     drop(volume);
     drop(client);
+    assert_scrub_clean(&cluster.mon_list());
 
     cluster.down().unwrap();
     // Every PG's acting members hold the same objects at the same versions
