@@ -254,19 +254,7 @@ impl BlockClient {
     /// `incomplete: why`).
     pub async fn pg_stat(&self, pg: basalt_placement::PgId) -> Result<(u64, String), ClientError> {
         let map = self.map();
-        let header = OpHeader {
-            object: ObjectRef {
-                pg,
-                object: ObjectId {
-                    volume: VolumeId(0),
-                    index: 0,
-                },
-            },
-            offset: 0,
-            length: 0,
-            version: 0,
-            flags: 0,
-        };
+        let header = OpHeader::for_pg(pg, 0);
         let (primary, reply) = self
             .send_to_primary(&map, header, Kind::PgStat, &[])
             .await?;
@@ -292,19 +280,7 @@ impl BlockClient {
         deep: bool,
     ) -> Result<serde_json::Value, ClientError> {
         let map = self.map();
-        let header = OpHeader {
-            object: ObjectRef {
-                pg,
-                object: ObjectId {
-                    volume: VolumeId(0),
-                    index: 0,
-                },
-            },
-            offset: 0,
-            length: 0,
-            version: 0,
-            flags: if deep { basalt_wire::op::OP_DEEP } else { 0 },
-        };
+        let header = OpHeader::for_pg(pg, if deep { basalt_wire::op::OP_DEEP } else { 0 });
         let (primary, reply) = self
             .send_to_primary(&map, header, Kind::PgScrub, &[])
             .await?;

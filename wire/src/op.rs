@@ -44,6 +44,31 @@ pub struct OpHeader {
 }
 
 impl OpHeader {
+    /// A header about a whole object (offset and length 0): peering,
+    /// recovery and scrub requests.
+    pub fn for_object(pg: PgId, object: ObjectId, flags: u32) -> OpHeader {
+        OpHeader {
+            object: ObjectRef { pg, object },
+            offset: 0,
+            length: 0,
+            version: 0,
+            flags,
+        }
+    }
+
+    /// A header about a whole PG (object fields 0): `PgStat`, `PgList`,
+    /// `PgScrub`, `PgDigest`.
+    pub fn for_pg(pg: PgId, flags: u32) -> OpHeader {
+        OpHeader::for_object(
+            pg,
+            ObjectId {
+                volume: VolumeId(0),
+                index: 0,
+            },
+            flags,
+        )
+    }
+
     /// Encodes the header followed by `data` into one payload.
     pub fn encode_with(&self, data: &[u8]) -> Bytes {
         let mut out = BytesMut::with_capacity(OP_HEADER_BYTES + data.len());

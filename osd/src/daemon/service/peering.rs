@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use basalt_placement::{ClusterMap, ObjectId, OsdId, PgId, Placer, VolumeId};
 use basalt_wire::op::{OP_REPAIR, ObjectContents};
-use basalt_wire::{Frame, Kind, ObjectRef, OpHeader, Status};
+use basalt_wire::{Frame, Kind, OpHeader, Status};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 
@@ -180,16 +180,6 @@ fn decode_inventory(mut payload: Bytes) -> Option<BTreeMap<ObjectId, u64>> {
         objects.insert(ObjectId { volume, index }, payload.get_u64_le());
     }
     Some(objects)
-}
-
-fn object_header(pg: PgId, object: ObjectId) -> OpHeader {
-    OpHeader {
-        object: ObjectRef { pg, object },
-        offset: 0,
-        length: 0,
-        version: 0,
-        flags: 0,
-    }
 }
 
 impl OsdService {
@@ -495,13 +485,7 @@ impl OsdService {
                 .map(|(key, version)| (key.object, version))
                 .collect());
         }
-        let header = object_header(
-            pg,
-            ObjectId {
-                volume: VolumeId(0),
-                index: 0,
-            },
-        );
+        let header = OpHeader::for_pg(pg, 0);
         let payload = self
             .call_peer(osd, map, Kind::PgList, header.encode_with(&[]))
             .await?;
@@ -592,7 +576,7 @@ impl OsdService {
                     copy.source,
                     map,
                     Kind::ObjPull,
-                    object_header(pg, copy.object).encode_with(&[]),
+                    OpHeader::for_object(pg, copy.object, 0).encode_with(&[]),
                 )
                 .await?;
             ObjectContents::decode(payload).map_err(|e| format!("pull {key}: {e}"))?
@@ -605,7 +589,7 @@ impl OsdService {
         }
         let bytes = (contents.blocks.len() * 4096) as u64;
         let encoded = (copy.targets.iter().any(|t| *t != self.id))
-            .then(|| object_header(pg, copy.object).encode_with(&contents.encode()));
+            .then(|| OpHeader::for_object(pg, copy.object, 0).encode_with(&contents.encode()));
         for target in &copy.targets {
             if *target == self.id {
                 self.store

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use basalt_placement::{ClusterMap, ObjectId, OsdId, PgId, VolumeId};
+use basalt_placement::{ClusterMap, ObjectId, OsdId, PgId};
 use basalt_wire::op::{OP_DEEP, OP_REPAIR, ObjectContents, ObjectDigest};
 use basalt_wire::{Frame, Kind, OpHeader, Status};
 use bytes::Bytes;
@@ -114,19 +114,7 @@ impl OsdService {
                     .await
                     .map_err(|e| e.to_string())?
             } else {
-                let header = OpHeader {
-                    object: basalt_wire::ObjectRef {
-                        pg,
-                        object: ObjectId {
-                            volume: VolumeId(0),
-                            index: 0,
-                        },
-                    },
-                    offset: 0,
-                    length: 0,
-                    version: 0,
-                    flags: if deep { OP_DEEP } else { 0 },
-                };
+                let header = OpHeader::for_pg(pg, if deep { OP_DEEP } else { 0 });
                 let payload = self
                     .call_peer(*osd, map, Kind::PgDigest, header.encode_with(&[]))
                     .await?;
@@ -225,17 +213,8 @@ impl OsdService {
             } else {
                 let payload = payload
                     .get_or_insert_with(|| {
-                        OpHeader {
-                            object: basalt_wire::ObjectRef {
-                                pg: key.pg,
-                                object: key.object,
-                            },
-                            offset: 0,
-                            length: 0,
-                            version: 0,
-                            flags: OP_REPAIR,
-                        }
-                        .encode_with(&contents.encode())
+                        OpHeader::for_object(key.pg, key.object, OP_REPAIR)
+                            .encode_with(&contents.encode())
                     })
                     .clone();
                 self.call_peer(*osd, map, Kind::ObjPush, payload).await?;
@@ -260,16 +239,7 @@ impl OsdService {
                 .ok_or_else(|| format!("{key} vanished"))?;
             return Ok(ObjectContents { version, blocks });
         }
-        let header = OpHeader {
-            object: basalt_wire::ObjectRef {
-                pg: key.pg,
-                object: key.object,
-            },
-            offset: 0,
-            length: 0,
-            version: 0,
-            flags: 0,
-        };
+        let header = OpHeader::for_object(key.pg, key.object, 0);
         let payload = self
             .call_peer(source, map, Kind::ObjPull, header.encode_with(&[]))
             .await?;
