@@ -422,19 +422,25 @@ pub async fn create_volume(
     mon: &basalt_monitor::MonClient,
     name: &str,
 ) -> Result<(), basalt_monitor::MonClientError> {
-    let name = name.to_string();
+    create_volume_sized(mon, name, 1 << 30).await
+}
+
+/// Creates a volume `name` of `size_bytes` in pool `rbd`.
+pub async fn create_volume_sized(
+    mon: &basalt_monitor::MonClient,
+    name: &str,
+    size_bytes: u64,
+) -> Result<(), basalt_monitor::MonClientError> {
+    let request = basalt_proto::monitor::CreateVolumeRequest {
+        name: name.to_string(),
+        pool: "rbd".into(),
+        size_bytes,
+        object_size_bytes: 0,
+        home: String::new(),
+    };
     mon.call(|mut c| {
-        let name = name.clone();
-        async move {
-            c.create_volume(basalt_proto::monitor::CreateVolumeRequest {
-                name,
-                pool: "rbd".into(),
-                size_bytes: 1 << 30,
-                object_size_bytes: 0,
-                home: String::new(),
-            })
-            .await
-        }
+        let request = request.clone();
+        async move { c.create_volume(request).await }
     })
     .await
     .map(|_| ())

@@ -15,8 +15,7 @@ use basalt_client::{BlockClient, ClientConfig, Volume};
 use basalt_monitor::MonClient;
 use basalt_osd::store::{ObjectStore, StoreConfig};
 use basalt_placement::{ClusterMap, OsdId, Placer};
-use basalt_proto::monitor as pb;
-use basalt_tests::{DevCluster, basalt};
+use basalt_tests::{DevCluster, basalt, create_volume_sized};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,20 +30,17 @@ fn seeded(len: u64, seed: u64) -> Arc<Vec<u8>> {
     Arc::new(data)
 }
 
-async fn create_volume(mon: &MonClient, name: &str, size: u64) {
-    let request = pb::CreateVolumeRequest {
-        name: name.into(),
-        pool: "rbd".into(),
-        size_bytes: size,
-        object_size_bytes: 0,
-        home: String::new(),
-    };
-    mon.call(|mut c| {
-        let request = request.clone();
-        async move { c.create_volume(request).await }
-    })
-    .await
-    .unwrap();
+/// Creates volume `v` of `size` bytes and opens it through a new client.
+async fn open_volume(cluster: &DevCluster, size: u64) -> (Arc<BlockClient>, Volume) {
+    let mons = cluster.mons();
+    create_volume_sized(&MonClient::new(&mons).unwrap(), "v", size)
+        .await
+        .unwrap();
+    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
+        .await
+        .unwrap();
+    let volume = client.open("rbd", "v").await.unwrap();
+    (client, volume)
 }
 
 /// Writes `data[range]` at queue depth 8 in 512 KiB requests; every write
@@ -132,8 +128,8 @@ fn leader(mons: &str) -> String {
     status["leader"].as_str().unwrap().to_string()
 }
 
-/// A deep scrub of every PG finds nothing to repair.
-fn assert_scrub_clean(mons: &str) {
+/// Runs a deep scrub of every PG; returns (objects seen, mismatches).
+fn deep_scrub(mons: &str) -> (u64, Vec<serde_json::Value>) {
     let out = basalt(&["--mon", mons, "--json", "scrub", "--all", "--deep"]);
     assert!(
         out.status.success(),
@@ -141,12 +137,18 @@ fn assert_scrub_clean(mons: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     let reports: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let mismatches: Vec<&serde_json::Value> = reports
-        .iter()
-        .flat_map(|r| r["mismatches"].as_array().into_iter().flatten())
+    let objects = reports.iter().map(|r| r["objects"].as_u64().unwrap()).sum();
+    let mismatches = reports
+        .into_iter()
+        .flat_map(|r| r["mismatches"].as_array().cloned().unwrap_or_default())
         .collect();
+    (objects, mismatches)
+}
+
+/// A deep scrub of every PG finds nothing to repair.
+fn assert_scrub_clean(mons: &str) {
+    let (objects, mismatches) = deep_scrub(mons);
     assert!(mismatches.is_empty(), "scrub found {mismatches:?}");
-    let objects: u64 = reports.iter().map(|r| r["objects"].as_u64().unwrap()).sum();
     assert!(objects > 0, "scrub saw no objects");
 }
 
@@ -162,14 +164,8 @@ fn down_count(map: &ClusterMap) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_osd_catches_up_before_it_serves() {
     let cluster = DevCluster::up("1G").unwrap();
-    let mons = cluster.mons();
-    let mon = MonClient::new(&mons).unwrap();
     let size = 128 * MIB;
-    create_volume(&mon, "v", size).await;
-    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
-        .await
-        .unwrap();
-    let volume = client.open("rbd", "v").await.unwrap();
+    let (client, volume) = open_volume(&cluster, size).await;
     let old = seeded(size, 1);
     write_all(&volume, &old, 0, size).await;
 
@@ -204,14 +200,8 @@ async fn restarted_osd_catches_up_before_it_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stand_ins_are_backfilled_to_identical_copies() {
     let cluster = DevCluster::up_nodes(4, "1G").unwrap();
-    let mons = cluster.mons();
-    let mon = MonClient::new(&mons).unwrap();
     let size = 128 * MIB;
-    create_volume(&mon, "v", size).await;
-    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
-        .await
-        .unwrap();
-    let volume = client.open("rbd", "v").await.unwrap();
+    let (client, volume) = open_volume(&cluster, size).await;
     let first = seeded(size, 3);
     write_all(&volume, &first, 0, size).await;
 
@@ -320,20 +310,6 @@ async fn corrupt(dir: &str, key: &basalt_osd::store::ObjectKey, block: u32) {
     file.sync_all().unwrap();
 }
 
-fn scrub(mons: &str) -> Vec<serde_json::Value> {
-    let out = basalt(&["--mon", mons, "--json", "scrub", "--all", "--deep"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reports: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    reports
-        .into_iter()
-        .flat_map(|r| r["mismatches"].as_array().cloned().unwrap_or_default())
-        .collect()
-}
-
 /// A byte flipped on disk in the primary's copy of one block and in a
 /// replica's copy of another: reads return the right bytes (the primary
 /// repairs itself from a replica that verifies), a deep scrub reports the
@@ -341,14 +317,8 @@ fn scrub(mons: &str) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_copies_are_never_read_and_scrub_repairs_them() {
     let cluster = DevCluster::up("1G").unwrap();
-    let mons = cluster.mons();
-    let mon = MonClient::new(&mons).unwrap();
     let size = 16 * MIB;
-    create_volume(&mon, "v", size).await;
-    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
-        .await
-        .unwrap();
-    let volume = client.open("rbd", "v").await.unwrap();
+    let (client, volume) = open_volume(&cluster, size).await;
     let data = seeded(size, 5);
     write_all(&volume, &data, 0, size).await;
     let map = client.refresh_map().await.unwrap();
@@ -370,19 +340,22 @@ async fn corrupt_copies_are_never_read_and_scrub_repairs_them() {
     corrupt(&dirs[&acting[1]], &key, 1).await;
     cluster.up_again().unwrap();
 
-    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
-        .await
-        .unwrap();
+    let client = BlockClient::connect(
+        MonClient::new(&cluster.mons()).unwrap(),
+        ClientConfig::default(),
+    )
+    .await
+    .unwrap();
     let volume = client.open("rbd", "v").await.unwrap();
     let back = volume.read(0, size).await.unwrap();
     assert!(back[..] == data[..], "a read returned bad bytes");
 
-    let found = scrub(&cluster.mon_list());
+    let (_, found) = deep_scrub(&cluster.mon_list());
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0]["osd"], acting[1].0);
     assert_eq!(found[0]["repaired"], true);
     assert!(found[0]["problem"].as_str().unwrap().contains("checksum"));
-    let again = scrub(&cluster.mon_list());
+    let (_, again) = deep_scrub(&cluster.mon_list());
     assert!(again.is_empty(), "scrub after repair: {again:?}");
     let back = volume.read(0, size).await.unwrap();
     assert!(back[..] == data[..]);
@@ -396,13 +369,7 @@ async fn corrupt_copies_are_never_read_and_scrub_repairs_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_pgs_primary_mid_writes_loses_and_reorders_nothing() {
     let cluster = DevCluster::up_nodes(4, "1G").unwrap();
-    let mons = cluster.mons();
-    let mon = MonClient::new(&mons).unwrap();
-    create_volume(&mon, "v", 16 * MIB).await;
-    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
-        .await
-        .unwrap();
-    let volume = client.open("rbd", "v").await.unwrap();
+    let (client, volume) = open_volume(&cluster, 16 * MIB).await;
     let map = client.refresh_map().await.unwrap();
     let pg = map.pg_of_object(volume.id, 0).unwrap();
     let primary = Placer::new(&map).acting_set(pg).unwrap().members[0];

@@ -35,6 +35,8 @@ pub use scrub::{ScrubMismatch, ScrubReport};
 
 /// Deadline of a replication request to a replica.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of a peering, recovery or scrub request to another OSD.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Object lock stripes on the primary.
 const ORDER_STRIPES: usize = 1024;
 
@@ -317,15 +319,9 @@ impl OsdService {
                 };
                 let payload = header.encode_with(&data);
                 let local = self.apply_local(&frame, &header, &key, data.clone(), epoch);
-                let remotes = acting.members[1..].iter().map(|osd| {
-                    let payload = payload.clone();
-                    let addr = map
-                        .osds
-                        .get(osd)
-                        .and_then(|o| o.addr.as_deref())
-                        .and_then(|a| a.parse::<SocketAddr>().ok());
-                    self.replicate(*osd, addr, replica_kind, epoch, payload)
-                });
+                let remotes = acting.members[1..]
+                    .iter()
+                    .map(|osd| self.call_peer(*osd, &map, replica_kind, payload.clone()));
                 let (local, remotes) = tokio::join!(local, futures::future::join_all(remotes));
                 if local.status != Status::Ok as u32 {
                     return local;
@@ -374,32 +370,47 @@ impl OsdService {
         reply(frame, Status::Ok, epoch, out.freeze())
     }
 
-    async fn replicate(
+    /// Sends a request to another OSD at `map`'s epoch and returns the
+    /// reply payload, or why not. Replication and peering share it: a
+    /// connection that failed is forgotten, and a peer at a newer epoch makes
+    /// this OSD fetch that map before the client retries.
+    async fn call_peer(
         &self,
         osd: OsdId,
-        addr: Option<SocketAddr>,
+        map: &ClusterMap,
         kind: Kind,
-        epoch: u64,
         payload: Bytes,
-    ) -> Result<(), String> {
-        let addr = addr.ok_or_else(|| format!("{osd} has no address"))?;
+    ) -> Result<Bytes, String> {
+        let addr = map
+            .osds
+            .get(&osd)
+            .and_then(|o| o.addr.as_deref())
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .ok_or_else(|| format!("{osd} has no address"))?;
         let frame = Frame {
             kind,
             flags: 0,
             request_id: 0,
-            epoch,
+            epoch: map.epoch.0,
             status: 0,
             payload,
+        };
+        let timeout = if matches!(
+            kind,
+            Kind::RepWrite | Kind::RepWriteZeroes | Kind::RepDiscard
+        ) {
+            REPLICA_TIMEOUT
+        } else {
+            PEER_TIMEOUT
         };
         let connection = self
             .peers
             .get(addr)
             .await
-            .map_err(|e| format!("replica {osd}: {e}"))?;
-        match connection.call(frame, REPLICA_TIMEOUT).await {
-            Ok(reply) if reply.status == Status::Ok as u32 => Ok(()),
+            .map_err(|e| format!("{osd}: {e}"))?;
+        match connection.call(frame, timeout).await {
+            Ok(reply) if reply.status == Status::Ok as u32 => Ok(reply.payload),
             Ok(reply) if reply.status == Status::StaleEpoch as u32 => {
-                // Fetch the replica's newer map before the client retries.
                 self.want_epoch.send_if_modified(|wanted| {
                     let newer = reply.epoch > *wanted;
                     if newer {
@@ -408,18 +419,18 @@ impl OsdService {
                     newer
                 });
                 Err(format!(
-                    "replica {osd} is at a newer epoch: {}",
+                    "{osd} is at a newer epoch: {}",
                     String::from_utf8_lossy(&reply.payload)
                 ))
             }
             Ok(reply) => Err(format!(
-                "replica {osd} answered {:?}: {}",
+                "{osd} answered {:?}: {}",
                 Status::from_u32(reply.status),
                 String::from_utf8_lossy(&reply.payload)
             )),
             Err(e) => {
                 self.peers.forget(addr).await;
-                Err(format!("replica {osd}: {e}"))
+                Err(format!("{osd}: {e}"))
             }
         }
     }

@@ -19,8 +19,7 @@ use anyhow::Context;
 use basalt_client::{BlockClient, ClientConfig, Volume};
 use basalt_monitor::MonClient;
 use basalt_placement::{PgId, PoolId};
-use basalt_proto::monitor as pb;
-use basalt_tests::DevCluster;
+use basalt_tests::{DevCluster, create_volume_sized};
 use clap::Parser;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -58,22 +57,6 @@ struct Round {
 
 fn progress(step: &str) {
     eprintln!("recovery-bench: {step}");
-}
-
-async fn create_volume(mon: &MonClient, size: u64) -> anyhow::Result<()> {
-    let request = pb::CreateVolumeRequest {
-        name: "bench".into(),
-        pool: "rbd".into(),
-        size_bytes: size,
-        object_size_bytes: 0,
-        home: String::new(),
-    };
-    mon.call(|mut c| {
-        let request = request.clone();
-        async move { c.create_volume(request).await }
-    })
-    .await?;
-    Ok(())
 }
 
 async fn fill(volume: &Volume, size: u64) -> anyhow::Result<()> {
@@ -169,7 +152,7 @@ async fn round(args: &Args, client_load: bool) -> anyhow::Result<Round> {
     let mons = cluster.mons();
     // Each OSD holds 3/4 of the volume (three copies over four OSDs).
     let size = ((args.gib * 4.0 / 3.0 * 1024.0) as u64 / 4).max(1) * 4 * MIB;
-    create_volume(&MonClient::new(&mons)?, size).await?;
+    create_volume_sized(&MonClient::new(&mons)?, "bench", size).await?;
     let client = BlockClient::connect(MonClient::new(&mons)?, ClientConfig::default()).await?;
     let volume = client.open("rbd", "bench").await?;
     fill(&volume, size).await?;

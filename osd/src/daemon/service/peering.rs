@@ -21,7 +21,6 @@
 //! left on OSDs that are no longer members are not removed.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,8 +38,6 @@ use crate::store::ObjectKey;
 const CLIENT_WAIT_FOR_PEERING: Duration = Duration::from_secs(3);
 /// PGs peered at once (inventories and planning; no data moves).
 const PEERING_CONCURRENCY: usize = 16;
-/// Deadline of one peering request to another OSD.
-const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Recovery limits.
 #[derive(Clone, Copy, Debug)]
@@ -613,45 +610,16 @@ impl OsdService {
         Ok(())
     }
 
-    /// Sends a peering request to `osd` and returns the reply payload.
-    pub(super) async fn call_peer(
-        &self,
-        osd: OsdId,
-        map: &ClusterMap,
-        kind: Kind,
-        payload: Bytes,
-    ) -> Result<Bytes, String> {
-        let addr = map
-            .osds
-            .get(&osd)
-            .and_then(|o| o.addr.as_deref())
-            .and_then(|a| a.parse::<SocketAddr>().ok())
-            .ok_or_else(|| format!("{osd} has no address"))?;
-        let frame = Frame {
-            kind,
-            flags: 0,
-            request_id: 0,
-            epoch: map.epoch.0,
-            status: 0,
-            payload,
-        };
-        let connection = self
-            .peers
-            .get(addr)
-            .await
-            .map_err(|e| format!("{osd}: {e}"))?;
-        match connection.call(frame, PEER_TIMEOUT).await {
-            Ok(answer) if answer.status == Status::Ok as u32 => Ok(answer.payload),
-            Ok(answer) => Err(format!(
-                "{osd} answered {:?}: {}",
-                Status::from_u32(answer.status),
-                String::from_utf8_lossy(&answer.payload)
-            )),
-            Err(e) => {
-                self.peers.forget(addr).await;
-                Err(format!("{osd}: {e}"))
-            }
-        }
+    /// Returns every PG this OSD is primary of at `map`, with its acting set.
+    fn led_pgs(&self, map: &ClusterMap) -> Vec<(PgId, Vec<OsdId>)> {
+        let placer = Placer::new(map);
+        pgs_of(map)
+            .into_iter()
+            .filter_map(|pg| {
+                let acting = placer.acting_set(pg).ok()?;
+                (acting.primary() == Some(self.id)).then_some((pg, acting.members))
+            })
+            .collect()
     }
 
     /// Keeps every PG this OSD is primary of peered and recovered: at start
@@ -661,22 +629,18 @@ impl OsdService {
         let mut current = maps.borrow_and_update().clone();
         let mut last_scrub = Instant::now();
         loop {
-            let mine: Vec<(PgId, Vec<OsdId>)> = {
-                let placer = Placer::new(&current);
-                pgs_of(&current)
-                    .into_iter()
-                    .filter_map(|pg| {
-                        let acting = placer.acting_set(pg).ok()?;
-                        (acting.primary() == Some(self.id)).then_some((pg, acting.members))
-                    })
-                    .filter(|(pg, acting)| !self.is_active(*pg, acting, &current))
-                    .collect()
-            };
+            // Placement of this map, once per round.
+            let led = self.led_pgs(&current);
+            let mine: Vec<(PgId, Vec<OsdId>)> = led
+                .iter()
+                .filter(|(pg, acting)| !self.is_active(*pg, acting, &current))
+                .cloned()
+                .collect();
             let map = current.clone();
             let service = &self;
             // Peer every PG first (cheap: inventories and a plan) so all of
             // them serve again quickly, then copy, a few PGs at a time.
-            let peering = futures::stream::iter(mine.clone())
+            let peering = futures::stream::iter(mine)
                 .map(|(pg, acting)| {
                     let map = map.clone();
                     async move { service.settle(pg, &acting, &map).await }
@@ -689,21 +653,15 @@ impl OsdService {
             }
             // Every PG still recovering (client ops may already have copied
             // all it had pending: then this only marks it clean).
-            let recovering: Vec<(PgId, Vec<OsdId>)> = {
-                let placer = Placer::new(&current);
-                pgs_of(&current)
-                    .into_iter()
-                    .filter(|pg| {
-                        self.pg_phase(*pg)
-                            .is_some_and(|p| matches!(p.phase, PgPhase::Recovering { .. }))
-                    })
-                    .filter_map(|pg| {
-                        let acting = placer.acting_set(pg).ok()?;
-                        (acting.primary() == Some(self.id)).then_some((pg, acting.members))
-                    })
-                    .filter(|(pg, acting)| self.is_active(*pg, acting, &current))
-                    .collect()
-            };
+            let recovering: Vec<(PgId, Vec<OsdId>)> = led
+                .iter()
+                .filter(|(pg, acting)| {
+                    self.pg_phase(*pg)
+                        .is_some_and(|p| matches!(p.phase, PgPhase::Recovering { .. }))
+                        && self.is_active(*pg, acting, &current)
+                })
+                .cloned()
+                .collect();
             let copying = futures::stream::iter(recovering)
                 .map(|(pg, acting)| {
                     let map = map.clone();
@@ -722,22 +680,16 @@ impl OsdService {
             let interval = self.recovery.scrub_interval_secs;
             if interval > 0 && last_scrub.elapsed() > Duration::from_secs(interval) {
                 last_scrub = Instant::now();
-                let led: Vec<(PgId, Vec<OsdId>)> = {
-                    let placer = Placer::new(&current);
-                    pgs_of(&current)
-                        .into_iter()
-                        .filter_map(|pg| {
-                            let acting = placer.acting_set(pg).ok()?;
-                            (acting.primary() == Some(self.id)).then_some((pg, acting.members))
-                        })
-                        .filter(|(pg, acting)| self.is_active(*pg, acting, &current))
-                        .collect()
-                };
-                for (pg, acting) in led {
+                let active: Vec<&(PgId, Vec<OsdId>)> = led
+                    .iter()
+                    .filter(|(pg, acting)| self.is_active(*pg, acting, &current))
+                    .collect();
+                for (pg, acting) in active {
                     if shutdown.is_cancelled() {
                         return;
                     }
-                    match self.scrub(pg, &acting, &current, false).await {
+                    let pg = *pg;
+                    match self.scrub(pg, acting, &current, false).await {
                         Ok(report) if !report.mismatches.is_empty() => tracing::warn!(
                             %pg,
                             mismatches = report.mismatches.len(),
