@@ -6,10 +6,22 @@ use std::future::Future;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-/// Returns the multi-threaded runtime every daemon and tool runs on.
+/// Returns the runtime every daemon and tool runs on: two worker threads, or
+/// `BASALT_WORKER_THREADS` of them (`0`: everything on one thread, which
+/// saves cross-thread wake-ups when many daemons share few cores).
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let threads: usize = std::env::var("BASALT_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    if threads == 0 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("start runtime");
+    }
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .build()
         .context("start runtime")

@@ -14,10 +14,11 @@
 //! The block size is advertised as 4 KiB minimum; unaligned or out-of-range
 //! requests get EINVAL and the connection stays usable (we rejected
 //! read-modify-write in the gateway: two connections of one multi-conn client
-//! could interleave the read and the write of one block). Every write is
-//! durable on every copy when it is acknowledged, so FLUSH has nothing left to
-//! do, FUA is always honoured, and a flush on one connection covers writes
-//! completed on any other (NBD_FLAG_CAN_MULTI_CONN is truthful).
+//! could interleave the read and the write of one block). A write without FUA
+//! is acknowledged once every copy applied it, with FUA once every copy has it
+//! durably; FLUSH makes every acknowledged write durable on every copy, those
+//! completed on the gateway's other connections included
+//! (NBD_FLAG_CAN_MULTI_CONN is truthful). See `transmission`.
 //!
 //! `kernel` attaches a volume to a /dev/nbdX through the kernel's netlink
 //! interface (`basalt volume map`).

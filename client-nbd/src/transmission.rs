@@ -7,10 +7,21 @@
 //! socket, so a client that floods requests is slowed, not served out of
 //! memory. Replies go through one writer task that batches small replies into
 //! one send when several are ready.
+//!
+//! Durability: a write, trim or write-zeroes with FUA is acknowledged once
+//! every copy has it durably; without FUA once every copy applied it (as the
+//! NBD protocol allows). FLUSH makes every write acknowledged before it
+//! durable, including those of the gateway's other connections (the block
+//! client tracks every OSD it left dirty), so CAN_MULTI_CONN stays truthful.
+//! A connection's first FLUSH flushes every OSD: the client may be continuing
+//! writes it made through another gateway or before a gateway restart. A
+//! connection that ends (DISC or EOF) is flushed too, as qemu-nbd does when
+//! its last client leaves.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use basalt_client::{ClientError, Volume};
+use basalt_client::{ClientError, Durability, Volume};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -93,6 +104,8 @@ where
     let requests = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT as usize));
     let bytes = Arc::new(Semaphore::new((MAX_BYTES_IN_FLIGHT / BLOCK_BYTES) as usize));
     let mut header = vec![0u8; style.request_header_len()];
+    // No FLUSH seen on this connection yet (its first one goes everywhere).
+    let first_flush = Arc::new(AtomicBool::new(true));
     let result = loop {
         match reader.read_exact(&mut header).await {
             Ok(_) => {}
@@ -133,13 +146,14 @@ where
                 break Err(e.into());
             }
         }
-        let (volume, replies) = (volume.clone(), replies.clone());
+        let (volume, replies, first_flush) = (volume.clone(), replies.clone(), first_flush.clone());
         tokio::spawn(async move {
             let outcome = match execute(
                 &volume,
                 style,
                 allocation_context,
                 read_only,
+                &first_flush,
                 &request,
                 payload,
             )
@@ -157,7 +171,12 @@ where
         });
     };
     drop(replies);
+    // Every request task held a reply sender: once the writer is done, no
+    // request is running any more.
     let _ = writer_task.await;
+    if !read_only && let Err(e) = volume.flush(false).await {
+        tracing::warn!(volume = %volume.name, "flush at disconnect failed: {e}");
+    }
     result
 }
 
@@ -167,6 +186,7 @@ async fn execute(
     style: HeaderStyle,
     allocation_context: bool,
     read_only: bool,
+    first_flush: &AtomicBool,
     request: &Request,
     payload: Vec<u8>,
 ) -> Result<Outcome, u32> {
@@ -201,13 +221,21 @@ async fn execute(
         return Err(EPERM);
     }
     if command == CMD_FLUSH {
-        // Every acknowledged write is already durable on every copy.
-        return if offset == 0 && length == 0 {
-            Ok(Outcome::Done)
-        } else {
-            Err(EINVAL)
-        };
+        if offset != 0 || length != 0 {
+            return Err(EINVAL);
+        }
+        let everywhere = first_flush.swap(false, Ordering::AcqRel);
+        return volume
+            .flush(everywhere)
+            .await
+            .map(|()| Outcome::Done)
+            .map_err(|e| errno(&e));
     }
+    let durability = if flags & CMD_FLAG_FUA != 0 {
+        Durability::Durable
+    } else {
+        Durability::Buffered
+    };
     let in_range = offset
         .checked_add(length)
         .is_some_and(|end| end <= volume.size_bytes);
@@ -264,7 +292,7 @@ async fn execute(
                 .map_err(|e| errno(&e))
         }
         CMD_WRITE => volume
-            .write(offset, &payload)
+            .write(offset, &payload, durability)
             .await
             .map(|()| Outcome::Done)
             .map_err(|e| errno(&e)),
@@ -279,10 +307,10 @@ async fn execute(
             while position < end {
                 let take = (end - position).min(EFFECT_SLICE_BYTES);
                 let done = if command == CMD_TRIM {
-                    volume.discard(position, take).await
+                    volume.discard(position, take, durability).await
                 } else {
                     volume
-                        .write_zeroes(position, take, flags & CMD_FLAG_NO_HOLE != 0)
+                        .write_zeroes(position, take, flags & CMD_FLAG_NO_HOLE != 0, durability)
                         .await
                 };
                 done.map_err(|e| errno(&e))?;

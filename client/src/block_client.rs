@@ -9,18 +9,29 @@
 //! to the same place), so resending after an unknown outcome is safe.
 //! Requests may be issued concurrently: each object piece is its own request
 //! on a shared, pipelined connection.
+//!
+//! # Durability
+//! A change is `Durability::Durable` (acknowledged once every copy would
+//! survive power loss) or `Durability::Buffered` (acknowledged once every
+//! copy applied it; NBD's write without FUA). The client remembers every OSD
+//! of the acting sets it sent buffered changes to; `flush` sends `Flush` to
+//! each of them, so when it returns every change acknowledged before it was
+//! called is durable on every copy. Flushes run one at a time: a flush that
+//! found nothing new to do still waits for the one in progress.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use basalt_monitor::MonClient;
-use basalt_placement::{ClusterMap, ObjectId, Placer, VolumeId};
+use basalt_placement::{ClusterMap, ObjectId, OsdId, Placer, VolumeId};
 use basalt_proto::monitor as pb;
-use basalt_wire::op::OP_ALLOCATE;
+pub use basalt_wire::Durability;
+use basalt_wire::op::{OP_ALLOCATE, OP_BUFFERED};
 use basalt_wire::{Frame, Kind, ObjectRef, OpHeader, Status};
 use bytes::{Bytes, BytesMut};
-use futures::future::try_join_all;
+use futures::future::{join_all, try_join_all};
 
 use crate::connection::ConnectionPool;
 use crate::error::ClientError;
@@ -51,6 +62,10 @@ pub struct BlockClient {
     map: RwLock<Arc<ClusterMap>>,
     pool: ConnectionPool,
     config: ClientConfig,
+    /// OSDs holding buffered changes of ours not flushed yet.
+    dirty: Mutex<BTreeSet<OsdId>>,
+    /// One flush at a time.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 /// An open volume.
@@ -65,9 +80,12 @@ pub struct Volume {
 
 enum Op<'a> {
     Read,
-    Write(&'a [u8]),
-    Zeroes { allocate: bool },
-    Discard,
+    Write(&'a [u8], Durability),
+    Zeroes {
+        allocate: bool,
+        durability: Durability,
+    },
+    Discard(Durability),
 }
 
 impl BlockClient {
@@ -78,6 +96,8 @@ impl BlockClient {
             map: RwLock::new(Arc::new(ClusterMap::new())),
             pool: ConnectionPool::default(),
             config,
+            dirty: Mutex::new(BTreeSet::new()),
+            flushing: tokio::sync::Mutex::new(()),
         });
         client.refresh_map().await?;
         // Follow the map in the background too, so routing rarely needs a
@@ -150,13 +170,16 @@ impl BlockClient {
         let mut backoff = Duration::from_millis(20);
         let (kind, data, flags): (Kind, &[u8], u32) = match op {
             Op::Read => (Kind::Read, &[], 0),
-            Op::Write(data) => (Kind::Write, data, 0),
-            Op::Zeroes { allocate } => (
+            Op::Write(data, durability) => (Kind::Write, data, durability.op_flags()),
+            Op::Zeroes {
+                allocate,
+                durability,
+            } => (
                 Kind::WriteZeroes,
                 &[],
-                if *allocate { OP_ALLOCATE } else { 0 },
+                durability.op_flags() | if *allocate { OP_ALLOCATE } else { 0 },
             ),
-            Op::Discard => (Kind::Discard, &[], 0),
+            Op::Discard(durability) => (Kind::Discard, &[], durability.op_flags()),
         };
         loop {
             attempts += 1;
@@ -314,6 +337,14 @@ impl BlockClient {
         let primary = acting
             .primary()
             .ok_or_else(|| ClientError::Map(format!("{pg} has no primary")))?;
+        if header.flags & OP_BUFFERED != 0 {
+            // Before sending: once the change is acknowledged, a flush must
+            // know every copy it went to.
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(acting.members.iter().copied());
+        }
         let addr: SocketAddr = map
             .osds
             .get(&primary)
@@ -334,6 +365,106 @@ impl BlockClient {
             Err(e) => {
                 self.pool.forget(addr).await;
                 Err(e)
+            }
+        }
+    }
+}
+
+impl BlockClient {
+    /// Makes every buffered change this client had acknowledged before the
+    /// call durable on every copy. With `everywhere`, flushes every up OSD of
+    /// the map instead of only those this client made dirty: for a caller
+    /// that continues writes made through another client (a reconnected NBD
+    /// client, a restarted gateway).
+    pub async fn flush(&self, everywhere: bool) -> Result<(), ClientError> {
+        let _one_at_a_time = self.flushing.lock().await;
+        let mut targets =
+            std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        if everywhere {
+            targets.extend(
+                self.map()
+                    .osds
+                    .iter()
+                    .filter(|(_, o)| o.up)
+                    .map(|(id, _)| *id),
+            );
+        }
+        let results = join_all(targets.iter().map(|osd| self.flush_osd(*osd))).await;
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        for (osd, result) in targets.iter().zip(results) {
+            if let Err(e) = result {
+                failed.push(*osd);
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(e) => {
+                // Still dirty: the next flush tries them again.
+                self.dirty
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(failed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Flushes one OSD, retrying until it answers or the map says it is down
+    /// (then its copies are flushed with the other members; if it comes
+    /// back, its store syncs at open).
+    async fn flush_osd(&self, osd: OsdId) -> Result<(), ClientError> {
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            attempts += 1;
+            let map = self.map();
+            let Some(entry) = map.osds.get(&osd).filter(|o| o.up) else {
+                return Ok(());
+            };
+            let addr: Option<SocketAddr> = entry.addr.as_deref().and_then(|a| a.parse().ok());
+            let last = match addr {
+                None => format!("{osd} has no address"),
+                Some(addr) => match self.pool.get(addr).await {
+                    Err(e) => e.to_string(),
+                    Ok(connection) => {
+                        let frame = Frame {
+                            kind: Kind::Flush,
+                            flags: 0,
+                            request_id: 0,
+                            epoch: map.epoch.0,
+                            status: 0,
+                            payload: Bytes::new(),
+                        };
+                        match connection.call(frame, self.config.request_timeout).await {
+                            Ok(reply) if reply.status == Status::Ok as u32 => return Ok(()),
+                            Ok(reply) => format!(
+                                "{osd} answered {:?}: {}",
+                                Status::from_u32(reply.status),
+                                String::from_utf8_lossy(&reply.payload)
+                            ),
+                            Err(e) => {
+                                self.pool.forget(addr).await;
+                                e.to_string()
+                            }
+                        }
+                    }
+                },
+            };
+            if started.elapsed() > self.config.retry_for {
+                return Err(ClientError::GaveUp {
+                    attempts,
+                    seconds: started.elapsed().as_secs_f64(),
+                    last: format!("flush of {osd}: {last}"),
+                });
+            }
+            tracing::debug!(attempts, "retrying flush of {osd}: {last}");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+            if attempts.is_multiple_of(4) {
+                let _ = self.refresh_map().await;
             }
         }
     }
@@ -393,15 +524,26 @@ impl Volume {
     }
 
     /// Writes `data` at `offset` (both 4 KiB-aligned); returns once every
-    /// copy is durable.
-    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+    /// copy has it as `durability` says.
+    pub async fn write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        durability: Durability,
+    ) -> Result<(), ClientError> {
         self.check(offset, data.len() as u64)?;
         let pieces = self.pieces(offset, data.len() as u64);
         let writes = pieces.iter().map(|(index, within, take, at)| {
             let slice = &data[*at as usize..(*at + *take) as usize];
             async move {
                 self.client
-                    .object_op(self.id, *index, *within, *take, &Op::Write(slice))
+                    .object_op(
+                        self.id,
+                        *index,
+                        *within,
+                        *take,
+                        &Op::Write(slice, durability),
+                    )
                     .await
             }
         });
@@ -415,9 +557,13 @@ impl Volume {
         offset: u64,
         length: u64,
         allocate: bool,
+        durability: Durability,
     ) -> Result<(), ClientError> {
         self.check(offset, length)?;
-        let op = Op::Zeroes { allocate };
+        let op = Op::Zeroes {
+            allocate,
+            durability,
+        };
         let pieces = self.pieces(offset, length);
         let ops = pieces.iter().map(|(index, within, take, _)| {
             self.client.object_op(self.id, *index, *within, *take, &op)
@@ -497,14 +643,25 @@ impl Volume {
     }
 
     /// Frees a range (it reads as zeros afterwards).
-    pub async fn discard(&self, offset: u64, length: u64) -> Result<(), ClientError> {
+    pub async fn discard(
+        &self,
+        offset: u64,
+        length: u64,
+        durability: Durability,
+    ) -> Result<(), ClientError> {
         self.check(offset, length)?;
         let pieces = self.pieces(offset, length);
+        let op = Op::Discard(durability);
         let ops = pieces.iter().map(|(index, within, take, _)| {
-            self.client
-                .object_op(self.id, *index, *within, *take, &Op::Discard)
+            self.client.object_op(self.id, *index, *within, *take, &op)
         });
         try_join_all(ops).await?;
         Ok(())
+    }
+
+    /// Makes every buffered change acknowledged so far through this volume's
+    /// client durable (see `BlockClient::flush`).
+    pub async fn flush(&self, everywhere: bool) -> Result<(), ClientError> {
+        self.client.flush(everywhere).await
     }
 }

@@ -8,6 +8,6 @@ pub mod block_client;
 pub mod connection;
 pub mod error;
 
-pub use block_client::{BlockClient, ClientConfig, Volume};
+pub use block_client::{BlockClient, ClientConfig, Durability, Volume};
 pub use connection::{Connection, ConnectionPool};
 pub use error::ClientError;

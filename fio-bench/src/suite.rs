@@ -19,14 +19,27 @@ pub const WORKLOADS: [&str; 8] = [
     "seqread-1m-qd8",
 ];
 
-/// Returns the job file of `suite` (`standard` or `quick`).
-pub fn job_file(suite: &str) -> anyhow::Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("jobs")
-        .join(format!("{suite}.fio"));
-    if !path.exists() {
-        bail!("no suite {suite:?} ({} is missing)", path.display());
-    }
+/// The suites, compiled in: the binary runs the suites of the source it was
+/// built from wherever it runs (a path baked in at build time breaks when the
+/// build cache is shared between checkouts).
+const SUITES: [(&str, &str); 2] = [
+    ("standard", include_str!("../jobs/standard.fio")),
+    ("quick", include_str!("../jobs/quick.fio")),
+];
+
+/// Writes the job file of `suite` (`standard`, `quick`, or the path of a
+/// `.fio` file of one's own) into `dir` and returns its path, so the run's
+/// output holds exactly the jobs it ran.
+pub fn job_file(suite: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    let text = match SUITES.iter().find(|(name, _)| *name == suite) {
+        Some((_, text)) => (*text).to_string(),
+        None if suite.ends_with(".fio") => {
+            std::fs::read_to_string(suite).with_context(|| format!("read job file {suite}"))?
+        }
+        None => bail!("no suite {suite:?}: standard, quick, or a path ending in .fio"),
+    };
+    let path = dir.join("suite.fio");
+    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
     Ok(path)
 }
 

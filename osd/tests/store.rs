@@ -11,6 +11,7 @@ use basalt_osd::store::{
     BLOCK_BYTES, MemDevice, ObjectKey, ObjectStore, StoreConfig, StoreError, UringDevice,
 };
 use basalt_placement::{ObjectId, PgId, PoolId, VolumeId};
+use basalt_wire::Durability;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -421,6 +422,157 @@ async fn power_loss_keeps_every_acknowledged_write() {
         }
         store.close().await;
     }
+}
+
+/// Buffered changes (NBD writes without FUA) are acknowledged without a
+/// device flush or a metadata sync; the blocks they give up stay allocated
+/// until a sync covers them (power loss would bring the old metadata back);
+/// `flush` makes all of them durable: a power loss that drops every unflushed
+/// device write afterwards loses nothing.
+#[tokio::test]
+async fn buffered_changes_are_durable_after_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    let a = key(1, 0);
+    store
+        .write(&a, 0, &pattern(1, (64 * B) as usize), 1)
+        .await
+        .unwrap();
+    let (free_before, _) = store.space();
+    let (_, flushes_before) = device.counters();
+
+    store
+        .write_with(
+            &a,
+            0,
+            &pattern(2, (64 * B) as usize),
+            2,
+            Durability::Buffered,
+        )
+        .await
+        .unwrap();
+    for i in 0..16u64 {
+        store
+            .write_with(
+                &key(2, i),
+                0,
+                &pattern(100 + i, (16 * B) as usize),
+                3,
+                Durability::Buffered,
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .discard_with(&key(2, 15), 0, 16 * B, 4, Durability::Buffered)
+        .await
+        .unwrap();
+    assert_eq!(
+        device.counters().1,
+        flushes_before,
+        "a buffered change must not flush the device"
+    );
+    assert_eq!(
+        store.space().0,
+        free_before - 64 - 16 * 16,
+        "blocks given up by unsynced changes must stay allocated"
+    );
+    // Readable at once.
+    assert_eq!(
+        store.read(&a, 0, 64 * B).await.unwrap()[..],
+        pattern(2, (64 * B) as usize)[..]
+    );
+
+    store.flush().await.unwrap();
+    assert!(
+        device.counters().1 > flushes_before,
+        "flush must flush the device"
+    );
+    assert_eq!(
+        store.space().0,
+        free_before - 15 * 16,
+        "after the sync the old and discarded blocks are free"
+    );
+    // A second flush with nothing buffered does no I/O.
+    let (_, flushes) = device.counters();
+    store.flush().await.unwrap();
+    assert_eq!(device.counters().1, flushes);
+
+    // The power goes and takes every unflushed device write with it.
+    device.power_loss(|_| false);
+    store.close().await;
+    device.power_on();
+    let store = mem_store(&device, dir.path()).await;
+    assert_eq!(
+        store.read(&a, 0, 64 * B).await.unwrap()[..],
+        pattern(2, (64 * B) as usize)[..]
+    );
+    for i in 0..15u64 {
+        assert_eq!(
+            store.read(&key(2, i), 0, 16 * B).await.unwrap()[..],
+            pattern(100 + i, (16 * B) as usize)[..],
+            "object {i}"
+        );
+    }
+    assert!(
+        store
+            .read(&key(2, 15), 0, 16 * B)
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| *b == 0)
+    );
+    let report = store.fsck().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    store.close().await;
+}
+
+/// A client that never flushes still gets its buffered changes synced
+/// within about a second, and the blocks they gave up come free then.
+#[tokio::test]
+async fn buffered_changes_are_synced_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    let a = key(1, 0);
+    store
+        .write(&a, 0, &pattern(1, (32 * B) as usize), 1)
+        .await
+        .unwrap();
+    let (free_before, _) = store.space();
+    let (_, flushes_before) = device.counters();
+    store
+        .write_with(
+            &a,
+            0,
+            &pattern(2, (32 * B) as usize),
+            2,
+            Durability::Buffered,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.space().0, free_before - 32);
+    let mut waited = std::time::Duration::ZERO;
+    while store.space().0 != free_before && waited < std::time::Duration::from_secs(10) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += std::time::Duration::from_millis(50);
+    }
+    assert_eq!(
+        store.space().0,
+        free_before,
+        "the committer never synced on its own"
+    );
+    assert!(device.counters().1 > flushes_before);
+    device.power_loss(|_| false);
+    store.close().await;
+    device.power_on();
+    let store = mem_store(&device, dir.path()).await;
+    assert_eq!(
+        store.read(&a, 0, 32 * B).await.unwrap()[..],
+        pattern(2, (32 * B) as usize)[..]
+    );
+    store.close().await;
 }
 
 /// A clone shares its source's blocks (reference counted): no data copied,

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,17 @@ pub fn basalt_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The workspace root of the checkout being tested. Read at run time (cargo
+/// and nextest set `CARGO_MANIFEST_DIR` for test processes): a path baked in
+/// at compile time names whichever checkout last built into a shared target
+/// directory.
+pub fn workspace_dir() -> PathBuf {
+    let tests = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    tests.parent().map(Path::to_path_buf).unwrap_or(tests)
 }
 
 /// Returns the path of workspace binary `name` built in the same profile

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use basalt_client::{BlockClient, ClientConfig};
+use basalt_client::{BlockClient, ClientConfig, Durability};
 use basalt_monitor::MonClient;
 use basalt_osd::store::{ObjectStore, StoreConfig};
 use basalt_placement::{ClusterMap, PgId, Placer};
@@ -78,7 +78,10 @@ async fn replicated_volume_round_trip_and_restart() {
             let mut offset = writer * chunk;
             while offset < data_len {
                 let slice = &data[offset as usize..(offset + chunk) as usize];
-                volume.write(offset, slice).await.unwrap();
+                volume
+                    .write(offset, slice, Durability::Durable)
+                    .await
+                    .unwrap();
                 offset += 16 * chunk;
             }
         }));
@@ -90,12 +93,20 @@ async fn replicated_volume_round_trip_and_restart() {
     assert!(back[..] == data[..], "data read back differs");
     // Unaligned and out-of-range requests are refused, not crashed on.
     assert!(volume.read(1, 4096).await.is_err());
-    assert!(volume.write(data_len, &[0u8; 4096]).await.is_err());
+    assert!(
+        volume
+            .write(data_len, &[0u8; 4096], Durability::Durable)
+            .await
+            .is_err()
+    );
 
     // Homed volume: every PG's primary is on node2.
     let map: ClusterMap = client.refresh_map().await.unwrap().as_ref().clone();
     let homed = client.open("rbd", "homed").await.unwrap();
-    homed.write(0, &seeded(8 * MIB as usize, 7)).await.unwrap();
+    homed
+        .write(0, &seeded(8 * MIB as usize, 7), Durability::Durable)
+        .await
+        .unwrap();
     let node2 = map.host_by_name("node2").unwrap();
     let placer = Placer::new(&map);
     for index in 0..16 {

@@ -24,11 +24,14 @@ fn libnbd_exercises_every_option_and_command() {
     let (mut gateway, addr) =
         start_gateway(cluster.dir.path(), "nbd", &mons, "127.0.1.2", &[]).unwrap();
     must_reach_nbd(&format!("nbd://{addr}/proto"));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/nbd/libnbd_checks.py");
+    let script = basalt_tests::workspace_dir()
+        .join("tests/nbd/libnbd_checks.py")
+        .to_string_lossy()
+        .into_owned();
     // Debian's python3 has python3-libnbd; the python3 first on PATH may not.
     let out = must_run(
         "/usr/bin/python3",
-        &[script, &addr, "proto", &(64u64 << 20).to_string()],
+        &[&script, &addr, "proto", &(64u64 << 20).to_string()],
     );
     let stdout = must_succeed(&out);
     assert!(stdout.contains("ALL OK"), "{stdout}");

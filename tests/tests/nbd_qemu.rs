@@ -162,10 +162,10 @@ fn sha256_of(bytes: &[u8], dir: &std::path::Path) -> String {
 /// sees the discarded MiB as zeros.
 #[test]
 fn qemu_guest_writes_and_the_host_reads_the_same_bytes() {
-    let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let workspace = basalt_tests::workspace_dir();
     let image = must_succeed(&must_run(
         "bash",
-        &[&format!("{workspace}/scripts/guest-image.sh")],
+        &[workspace.join("scripts/guest-image.sh")],
     ));
     let image = std::path::PathBuf::from(image.trim());
     let cluster = DevCluster::up("1G").unwrap();

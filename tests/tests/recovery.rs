@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use basalt_client::{BlockClient, ClientConfig, Volume};
+use basalt_client::{BlockClient, ClientConfig, Durability, Volume};
 use basalt_monitor::MonClient;
 use basalt_osd::store::{ObjectStore, StoreConfig};
 use basalt_placement::{ClusterMap, OsdId, Placer};
@@ -44,7 +44,9 @@ async fn open_volume(cluster: &DevCluster, size: u64) -> (Arc<BlockClient>, Volu
 }
 
 /// Writes `data[range]` at queue depth 8 in 512 KiB requests; every write
-/// must be acknowledged.
+/// must be acknowledged. Buffered (as NBD writes without FUA): acknowledged
+/// once applied on every copy, not yet synced, which must survive any
+/// daemon's SIGKILL just the same.
 async fn write_all(volume: &Volume, data: &Arc<Vec<u8>>, start: u64, end: u64) {
     let chunk = 512 * 1024;
     let mut writers = Vec::new();
@@ -54,7 +56,10 @@ async fn write_all(volume: &Volume, data: &Arc<Vec<u8>>, start: u64, end: u64) {
             let mut offset = start + writer * chunk;
             while offset < end {
                 let slice = &data[offset as usize..(offset + chunk) as usize];
-                volume.write(offset, slice).await.unwrap();
+                volume
+                    .write(offset, slice, Durability::Buffered)
+                    .await
+                    .unwrap();
                 offset += 8 * chunk;
             }
         }));
@@ -392,7 +397,10 @@ async fn killing_a_pgs_primary_mid_writes_loses_and_reorders_nothing() {
         tokio::spawn(async move {
             let mut acked = 0u64;
             for n in 1..=600u64 {
-                volume.write((n % 64) * 4096, &block(n)).await.unwrap();
+                volume
+                    .write((n % 64) * 4096, &block(n), Durability::Buffered)
+                    .await
+                    .unwrap();
                 acked = n;
             }
             acked

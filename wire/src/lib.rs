@@ -39,9 +39,38 @@ pub const MAX_PAYLOAD_BYTES: usize = (8 << 20) + 4096;
 
 /// Flag: this frame answers the request with the same id.
 pub const FLAG_REPLY: u32 = 1;
-/// Flag (writes): make durable before answering (FUA). Every write of the
-/// replicated path is durable anyway; the flag is carried for the record.
-pub const FLAG_FUA: u32 = 2;
+
+/// When a change may be acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Durability {
+    /// Once data and metadata would survive power loss (NBD FUA, and every
+    /// change the cluster makes itself: recovery, repair).
+    #[default]
+    Durable,
+    /// Once applied (it survives the daemon's crash, not the machine's
+    /// power loss) until the next `Flush`, as NBD allows for writes without
+    /// FUA. The store syncs on its own within about a second anyway.
+    Buffered,
+}
+
+impl Durability {
+    /// The op flags that ask for this durability.
+    pub fn op_flags(self) -> u32 {
+        match self {
+            Durability::Durable => 0,
+            Durability::Buffered => op::OP_BUFFERED,
+        }
+    }
+
+    /// The durability op flags ask for.
+    pub fn from_op_flags(flags: u32) -> Durability {
+        if flags & op::OP_BUFFERED != 0 {
+            Durability::Buffered
+        } else {
+            Durability::Durable
+        }
+    }
+}
 
 /// What a frame asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -77,6 +106,9 @@ pub enum Kind {
     /// Scrub, primary -> member: per object of the PG, its version and block
     /// checksums. Reply payload: see `op::ObjectDigest`.
     PgDigest = 15,
+    /// Client -> OSD: make every change this OSD acknowledged so far durable
+    /// (its `OP_BUFFERED` writes included). The payload is ignored.
+    Flush = 16,
 }
 
 impl Kind {
@@ -97,6 +129,7 @@ impl Kind {
             13 => Kind::ObjPush,
             14 => Kind::PgScrub,
             15 => Kind::PgDigest,
+            16 => Kind::Flush,
             _ => return None,
         })
     }
@@ -258,7 +291,7 @@ mod tests {
     fn frame(payload: &[u8]) -> Frame {
         Frame {
             kind: Kind::Write,
-            flags: FLAG_FUA,
+            flags: 2,
             request_id: 77,
             epoch: 12,
             status: 0,

@@ -22,6 +22,9 @@ pub const OP_ALLOCATE: u32 = 1;
 pub const OP_REPAIR: u32 = 2;
 /// Op flag (`PgScrub`, `PgDigest`): read and verify every block (deep scrub).
 pub const OP_DEEP: u32 = 4;
+/// Op flag (writes, write-zeroes, discards and their replications): may be
+/// acknowledged before it is durable; a later `Kind::Flush` makes it durable.
+pub const OP_BUFFERED: u32 = 8;
 
 /// An object and the PG it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use basalt_client::{BlockClient, ClientConfig, Volume};
+use basalt_client::{BlockClient, ClientConfig, Durability, Volume};
 use basalt_fio_bench::raw::{self, Figures, STORAGE_WORKLOADS, Workload};
 use basalt_monitor::MonClient;
 use basalt_proto::monitor as pb;
@@ -70,7 +70,9 @@ async fn run(volume: &Volume, workload: Workload, runtime: Duration) -> anyhow::
                 };
                 let now = Instant::now();
                 if workload.write {
-                    volume.write(block * workload.block_bytes, &data).await?;
+                    volume
+                        .write(block * workload.block_bytes, &data, Durability::Durable)
+                        .await?;
                 } else {
                     volume
                         .read(block * workload.block_bytes, workload.block_bytes)
@@ -145,7 +147,7 @@ async fn volume_in(
     let chunk = vec![0x5au8; 1 << 20];
     let mut offset = 0;
     while offset < bytes {
-        volume.write(offset, &chunk).await?;
+        volume.write(offset, &chunk, Durability::Durable).await?;
         offset += 1 << 20;
     }
     Ok(volume)

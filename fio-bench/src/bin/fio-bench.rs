@@ -41,7 +41,8 @@ struct RunArgs {
     /// OSD data file size of a cluster fio-bench starts.
     #[arg(long, default_value = "4G")]
     osd_size: String,
-    /// `standard` or `quick` (fio-bench/jobs/<suite>.fio).
+    /// `standard` or `quick` (fio-bench/jobs/<suite>.fio, compiled in), or
+    /// the path of a job file of one's own.
     #[arg(long, default_value = "standard")]
     suite: String,
     /// Where results go.
@@ -136,9 +137,9 @@ fn progress(text: &str) {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let size = parse_size(&args.size)?;
-    let job_file = suite::job_file(&args.suite)?;
     let raw_dir = args.out.join("raw");
     std::fs::create_dir_all(&raw_dir).with_context(|| format!("create {}", raw_dir.display()))?;
+    let job_file = suite::job_file(&args.suite, &args.out)?;
     let mut cleanup = Cleanup {
         qemu_nbd: None,
         cluster: None,

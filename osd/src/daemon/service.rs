@@ -25,7 +25,7 @@ use std::time::Duration;
 use basalt_client::ConnectionPool;
 use basalt_placement::{ClusterMap, OsdId, PgId, Placer};
 use basalt_wire::op::OP_ALLOCATE;
-use basalt_wire::{FLAG_REPLY, Frame, Kind, OpHeader, Status};
+use basalt_wire::{Durability, FLAG_REPLY, Frame, Kind, OpHeader, Status};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
 
@@ -162,6 +162,18 @@ impl OsdService {
         if frame.kind == Kind::Ping {
             let epoch = self.map.borrow().epoch.0;
             return reply(&frame, Status::Ok, epoch, Bytes::new());
+        }
+        if frame.kind == Kind::Flush {
+            // Not tied to a PG or an epoch: whatever this store acknowledged
+            // becomes durable, whichever map it was written under.
+            let epoch = self.map.borrow().epoch.0;
+            return match self.store.flush().await {
+                Ok(()) => reply(&frame, Status::Ok, epoch, Bytes::new()),
+                Err(e) => {
+                    tracing::error!("flush failed: {e}");
+                    reply(&frame, store_status(&e), epoch, message(e.to_string()))
+                }
+            };
         }
         let (header, data) = match OpHeader::decode(frame.payload.clone()) {
             Ok(parts) => parts,
@@ -450,20 +462,20 @@ impl OsdService {
             // A replication that arrives after a newer one to the same
             // object (it was delayed past the primary's timeout, and the
             // client retried) must not roll the object back.
-            match self.store.stat(key).await {
-                Ok(Some(stat))
-                    if !crate::recovery::replica_should_apply(
-                        Some(stat.version),
-                        header.version,
-                    ) =>
+            match self.store.version(key).await {
+                Ok(Some(held))
+                    if !crate::recovery::replica_should_apply(Some(held), header.version) =>
                 {
-                    tracing::debug!(%key, held = stat.version, late = header.version, "ignoring a late replication");
+                    tracing::debug!(%key, held, late = header.version, "ignoring a late replication");
                     return reply(frame, Status::Ok, epoch, Bytes::new());
                 }
                 Ok(_) => {}
                 Err(e) => return reply(frame, store_status(&e), epoch, message(e.to_string())),
             }
         }
+        // The op flags travel unchanged from the client through the primary
+        // to the replicas: every copy is acknowledged the same way.
+        let durability = Durability::from_op_flags(header.flags);
         let result = match frame.kind {
             Kind::Write | Kind::RepWrite => {
                 if data.len() != header.length as usize {
@@ -479,23 +491,30 @@ impl OsdService {
                     );
                 }
                 self.store
-                    .write(key, header.offset, &data, header.version)
+                    .write_with(key, header.offset, &data, header.version, durability)
                     .await
             }
             Kind::WriteZeroes | Kind::RepWriteZeroes => {
                 self.store
-                    .write_zeroes(
+                    .write_zeroes_with(
                         key,
                         header.offset,
                         header.length as u64,
                         header.flags & OP_ALLOCATE != 0,
                         header.version,
+                        durability,
                     )
                     .await
             }
             _ => {
                 self.store
-                    .discard(key, header.offset, header.length as u64, header.version)
+                    .discard_with(
+                        key,
+                        header.offset,
+                        header.length as u64,
+                        header.version,
+                        durability,
+                    )
                     .await
             }
         };

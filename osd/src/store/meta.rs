@@ -266,7 +266,14 @@ impl MetaStore {
     }
 
     /// Applies `ops` atomically; with `sync`, durably before returning.
+    /// No ops with `sync` syncs the WAL (earlier unsynced batches).
     pub fn write(&self, ops: &[MetaOp], sync: bool) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            if sync {
+                self.db.flush_wal(true)?;
+            }
+            return Ok(());
+        }
         let objects = self.cf(CF_OBJECTS)?;
         let blocks = self.cf(CF_BLOCKS)?;
         let refs = self.cf(CF_SNAP_REFS)?;

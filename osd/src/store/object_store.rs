@@ -7,8 +7,22 @@
 //! 3. Hand the metadata change (new block entries, object version) to the
 //!    committer, which groups concurrent changes: one device flush for all
 //!    their data, then one synced RocksDB batch.
-//! 4. Free the blocks the object used before, only now that the switch is
+//! 4. Free the blocks the object used before, only once the switch is
 //!    durable.
+//!
+//! # Buffered changes
+//! A change with `Durability::Buffered` (an NBD write without FUA) is
+//! acknowledged once its data write completed and its metadata is in
+//! RocksDB's WAL without a sync: it survives a crash of the daemon (the WAL
+//! is in the kernel's page cache, the data went to the device with
+//! O_DIRECT), not a power loss. `flush` (NBD FLUSH) makes every earlier
+//! change durable: one device flush and one WAL sync. The committer also syncs
+//! on its own `BUFFERED_SYNC_AFTER` after the first unsynced change, so the
+//! window is bounded even for a client that never flushes.
+//!
+//! Blocks a buffered change gives up stay allocated until a sync covers the
+//! change: if the power went before, the old metadata (pointing at them)
+//! comes back, and their contents must still be there.
 //!
 //! The only live copy of a block is never overwritten, so a crash at any
 //! instant leaves every block wholly old or wholly new; metadata never
@@ -23,8 +37,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use basalt_placement::PgId;
+use basalt_wire::Durability;
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use tokio::sync::{RwLock, mpsc, oneshot};
@@ -43,6 +59,11 @@ const MAX_RUN_BLOCKS: u32 = (LARGE_BUFFER_BYTES / BLOCK_BYTES) as u32;
 const LOCK_STRIPES: usize = 4096;
 /// Most metadata changes folded into one group commit.
 const GROUP_COMMIT_MAX: usize = 512;
+/// A buffered change is synced at the latest this long after it was applied.
+const BUFFERED_SYNC_AFTER: Duration = Duration::from_secs(1);
+/// Blocks given up by unsynced changes (held allocated until a sync) that
+/// make the next group a synced one: 64 MiB.
+const BUFFERED_FREE_MAX: usize = 16_384;
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -87,7 +108,11 @@ impl FsckReport {
 
 struct Commit {
     ops: Vec<MetaOp>,
+    /// The change points at data written since the last device flush.
     needs_flush: bool,
+    durability: Durability,
+    /// Disk blocks the change gives up: freed once it is durable.
+    free: Vec<u64>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -103,7 +128,7 @@ struct Release<'a> {
 struct Inner<D> {
     device: Arc<D>,
     meta: Arc<MetaStore>,
-    allocator: Mutex<Allocator>,
+    allocator: Arc<Mutex<Allocator>>,
     locks: Vec<RwLock<()>>,
     /// Serialises changes to shared blocks' reference counts, from reading
     /// a count to committing the new one.
@@ -275,23 +300,37 @@ impl<D: BlockDevice> ObjectStore<D> {
             free = allocator.free_count(),
             "store allocator rebuilt"
         );
+        // Buffered changes of the previous run are in the WAL RocksDB just
+        // replayed and their data was written with O_DIRECT, not flushed:
+        // make them durable before serving, since a client's next FLUSH
+        // would no longer know about them.
+        device.flush().await.map_err(|source| StoreError::Io {
+            op: "flush data device at open",
+            source,
+        })?;
+        meta.write(&[], true)?;
         let device = Arc::new(device);
         let meta = Arc::new(meta);
+        let allocator = Arc::new(Mutex::new(allocator));
         let failed = Arc::new(AtomicBool::new(false));
         let skip_flush = Arc::new(AtomicBool::new(false));
         let (commits, rx) = mpsc::unbounded_channel();
-        let committer = tokio::spawn(run_committer(
-            device.clone(),
-            meta.clone(),
-            failed.clone(),
-            skip_flush.clone(),
-            rx,
-        ));
+        let committer = tokio::spawn(
+            Committer {
+                device: device.clone(),
+                meta: meta.clone(),
+                allocator: allocator.clone(),
+                failed: failed.clone(),
+                skip_flush: skip_flush.clone(),
+                unsynced: Unsynced::default(),
+            }
+            .run(rx),
+        );
         Ok(ObjectStore {
             inner: Arc::new(Inner {
                 device,
                 meta,
-                allocator: Mutex::new(allocator),
+                allocator,
                 locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
                 refs_lock: tokio::sync::Mutex::new(()),
                 commits,
@@ -376,13 +415,21 @@ impl<D: BlockDevice> ObjectStore<D> {
         Ok(())
     }
 
-    async fn commit(&self, ops: Vec<MetaOp>, needs_flush: bool) -> Result<(), StoreError> {
+    async fn commit(
+        &self,
+        ops: Vec<MetaOp>,
+        needs_flush: bool,
+        durability: Durability,
+        free: Vec<u64>,
+    ) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.inner
             .commits
             .send(Commit {
                 ops,
                 needs_flush,
+                durability,
+                free,
                 done,
             })
             .map_err(|_| StoreError::Failed("committer stopped".into()))?;
@@ -391,6 +438,14 @@ impl<D: BlockDevice> ObjectStore<D> {
             Ok(Err(message)) => Err(StoreError::Failed(message)),
             Err(_) => Err(StoreError::Failed("committer stopped".into())),
         }
+    }
+
+    /// Makes every change acknowledged so far durable (NBD FLUSH): one device
+    /// flush and one metadata sync, nothing when no buffered change waits.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.check_failed()?;
+        self.commit(Vec::new(), false, Durability::Durable, Vec::new())
+            .await
     }
 
     /// Writes `data` at byte `offset` of an object (both 4 KiB-aligned) and
@@ -402,12 +457,25 @@ impl<D: BlockDevice> ObjectStore<D> {
         data: &[u8],
         version: u64,
     ) -> Result<(), StoreError> {
+        self.write_with(key, offset, data, version, Durability::Durable)
+            .await
+    }
+
+    /// `write`, acknowledged as `durability` says.
+    pub async fn write_with(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        data: &[u8],
+        version: u64,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
         self.check_range(key, offset, data.len() as u64)?;
         self.check_failed()?;
         let _guard = self.lock(key).write().await;
         let first = (offset / BLOCK_BYTES as u64) as u32;
         let count = (data.len() / BLOCK_BYTES) as u32;
-        let runs = self.allocate(count as u64)?;
+        let runs = self.allocate_or_flush(count as u64).await?;
 
         let crcs: Vec<u32> = data.chunks(BLOCK_BYTES).map(crc32c::crc32c).collect();
         let mut writes = Vec::with_capacity(runs.len());
@@ -467,12 +535,9 @@ impl<D: BlockDevice> ObjectStore<D> {
                 return Err(e);
             }
         };
-        ops.extend(release.ops.iter().cloned());
         // On failure whether the batch reached RocksDB is unknown: keep the
         // new blocks allocated (the store is failed; a restart rebuilds).
-        self.commit(ops, true).await?;
-        self.finish_release(release);
-        Ok(())
+        self.commit_release(ops, true, durability, release).await
     }
 
     /// Plans giving up `disk_blocks` (old blocks of a change): exclusive ones
@@ -515,14 +580,28 @@ impl<D: BlockDevice> ObjectStore<D> {
         Ok(release)
     }
 
-    fn finish_release(&self, release: Release<'_>) {
+    /// Commits `ops` with `release`'s reference-count changes; its
+    /// exclusive blocks are freed once the commit is durable.
+    async fn commit_release(
+        &self,
+        mut ops: Vec<MetaOp>,
+        needs_flush: bool,
+        durability: Durability,
+        release: Release<'_>,
+    ) -> Result<(), StoreError> {
+        let Release {
+            ops: ref_ops,
+            free,
+            unshare,
+            _refs,
+        } = release;
+        ops.extend(ref_ops);
+        self.commit(ops, needs_flush, durability, free).await?;
         let mut allocator = self.allocator();
-        for block in &release.unshare {
+        for block in &unshare {
             allocator.set_shared(*block, false);
         }
-        for block in &release.free {
-            allocator.free(*block);
-        }
+        Ok(())
     }
 
     /// Makes `target` a copy of `source` that shares its blocks (a snapshot
@@ -581,7 +660,8 @@ impl<D: BlockDevice> ObjectStore<D> {
             key: object_key(target),
             info: ObjectInfo { version },
         });
-        self.commit(ops, false).await?;
+        self.commit(ops, false, Durability::Durable, Vec::new())
+            .await?;
         let mut allocator = self.allocator();
         for (_, entry) in &blocks {
             allocator.set_shared(entry.disk_block, true);
@@ -597,6 +677,18 @@ impl<D: BlockDevice> ObjectStore<D> {
                 needed: count,
                 free: allocator.free_count(),
             })
+    }
+
+    /// `allocate`; when the disk looks full, syncs first (blocks given up by
+    /// buffered changes come free then) and tries once more.
+    async fn allocate_or_flush(&self, count: u64) -> Result<Vec<Run>, StoreError> {
+        match self.allocate(count) {
+            Err(StoreError::NoSpace { .. }) => {
+                self.flush().await?;
+                self.allocate(count)
+            }
+            other => other,
+        }
     }
 
     /// Reads `len` bytes at `offset` of an object (both 4 KiB-aligned).
@@ -667,12 +759,28 @@ impl<D: BlockDevice> ObjectStore<D> {
         allocate: bool,
         version: u64,
     ) -> Result<(), StoreError> {
+        self.write_zeroes_with(key, offset, len, allocate, version, Durability::Durable)
+            .await
+    }
+
+    /// `write_zeroes`, acknowledged as `durability` says.
+    pub async fn write_zeroes_with(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+        version: u64,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
         if allocate {
             self.check_range(key, offset, len)?;
             let zeros = vec![0u8; len as usize];
-            self.write(key, offset, &zeros, version).await
+            self.write_with(key, offset, &zeros, version, durability)
+                .await
         } else {
-            self.discard(key, offset, len, version).await
+            self.discard_with(key, offset, len, version, durability)
+                .await
         }
     }
 
@@ -683,6 +791,19 @@ impl<D: BlockDevice> ObjectStore<D> {
         offset: u64,
         len: u64,
         version: u64,
+    ) -> Result<(), StoreError> {
+        self.discard_with(key, offset, len, version, Durability::Durable)
+            .await
+    }
+
+    /// `discard`, acknowledged as `durability` says.
+    pub async fn discard_with(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        len: u64,
+        version: u64,
+        durability: Durability,
     ) -> Result<(), StoreError> {
         self.check_range(key, offset, len)?;
         self.check_failed()?;
@@ -705,10 +826,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         let release = self
             .release(old.into_iter().flatten().map(|e| e.disk_block).collect())
             .await?;
-        ops.extend(release.ops.iter().cloned());
-        self.commit(ops, false).await?;
-        self.finish_release(release);
-        Ok(())
+        self.commit_release(ops, false, durability, release).await
     }
 
     /// Returns an object's version and its allocated blocks with their data
@@ -718,7 +836,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         &self,
         key: &ObjectKey,
     ) -> Result<Option<(u64, Vec<(u32, Bytes)>)>, StoreError> {
-        let Some(stat) = self.stat(key).await? else {
+        let Some(version) = self.version(key).await? else {
             return Ok(None);
         };
         let blocks = self.allocated_blocks(key).await?;
@@ -751,7 +869,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         // A write between the stat and the reads would make the version
         // claim newer data than we hold only if it raced; recovery runs
         // while its PG serves no writes, so stat and blocks agree.
-        Ok(Some((stat.version, contents)))
+        Ok(Some((version, contents)))
     }
 
     /// Returns an object's version and the checksum of each allocated block
@@ -802,9 +920,9 @@ impl<D: BlockDevice> ObjectStore<D> {
         // `force` (repair of a bad copy) replaces an equal version too, never
         // a newer one.
         if self
-            .stat(key)
+            .version(key)
             .await?
-            .is_some_and(|stat| stat.version > version || (stat.version == version && !force))
+            .is_some_and(|held| held > version || (held == version && !force))
         {
             return Ok(false);
         }
@@ -867,10 +985,16 @@ impl<D: BlockDevice> ObjectStore<D> {
         let release = self
             .release(blocks.iter().map(|(_, e)| e.disk_block).collect())
             .await?;
-        ops.extend(release.ops.iter().cloned());
-        self.commit(ops, false).await?;
-        self.finish_release(release);
-        Ok(())
+        self.commit_release(ops, false, Durability::Durable, release)
+            .await
+    }
+
+    /// Returns an object's version, or `None` if it does not exist: one
+    /// point lookup (`stat` also counts the allocated blocks, a scan of up to
+    /// 1,024 entries, far too slow for every replicated write).
+    pub async fn version(&self, key: &ObjectKey) -> Result<Option<u64>, StoreError> {
+        let _guard = self.lock(key).read().await;
+        Ok(self.inner.meta.object_info(key)?.map(|info| info.version))
     }
 
     /// Returns an object's version and allocated size, or `None`.
@@ -1031,58 +1155,136 @@ impl<D: BlockDevice> ObjectStore<D> {
     }
 }
 
-/// Groups metadata changes: one device flush for all the data they point at,
-/// then one synced RocksDB batch. A failed flush or commit fails the store:
-/// it can no longer tell what is durable.
-async fn run_committer<D: BlockDevice>(
+/// What the committer applied without a sync.
+#[derive(Default)]
+struct Unsynced {
+    /// When the oldest unsynced change was applied; `None`: nothing waits.
+    since: Option<Instant>,
+    /// Some unsynced change points at data not flushed yet.
+    data: bool,
+    /// Blocks given up by unsynced changes.
+    free: Vec<u64>,
+}
+
+/// Groups metadata changes. A group with a durable change (or one that
+/// follows buffered changes for too long) is one device flush for all the
+/// data written since the last one, then one synced RocksDB batch; a group of
+/// buffered changes is one unsynced batch. A failed flush or commit fails the
+/// store: it can no longer tell what is durable.
+struct Committer<D> {
     device: Arc<D>,
     meta: Arc<MetaStore>,
+    allocator: Arc<Mutex<Allocator>>,
     failed: Arc<AtomicBool>,
     skip_flush: Arc<AtomicBool>,
-    mut rx: mpsc::UnboundedReceiver<Commit>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut group = vec![first];
-        while group.len() < GROUP_COMMIT_MAX {
-            match rx.try_recv() {
-                Ok(commit) => group.push(commit),
-                Err(_) => break,
+    unsynced: Unsynced,
+}
+
+impl<D: BlockDevice> Committer<D> {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Commit>) {
+        loop {
+            let first = match self.unsynced.since {
+                Some(since) => {
+                    let deadline = tokio::time::Instant::from_std(since + BUFFERED_SYNC_AFTER);
+                    tokio::select! {
+                        commit = rx.recv() => commit,
+                        () = tokio::time::sleep_until(deadline) => {
+                            self.sync_alone().await;
+                            continue;
+                        }
+                    }
+                }
+                None => rx.recv().await,
+            };
+            let Some(first) = first else { break };
+            let mut group = vec![first];
+            while group.len() < GROUP_COMMIT_MAX {
+                match rx.try_recv() {
+                    Ok(commit) => group.push(commit),
+                    Err(_) => break,
+                }
+            }
+            let result = self.commit(&mut group).await;
+            for commit in group {
+                let _ = commit.done.send(result.clone());
             }
         }
-        let result = if failed.load(Ordering::Acquire) {
-            Err("store failed earlier".to_string())
-        } else {
-            let flush = !skip_flush.load(Ordering::Acquire);
-            commit_group(&device, &meta, &mut group, flush).await
-        };
+        // Closing: nothing buffered stays unsynced.
+        self.sync_alone().await;
+    }
+
+    /// Syncs what earlier groups left unsynced.
+    async fn sync_alone(&mut self) {
+        if self.unsynced.since.is_some() {
+            let mut group = Vec::new();
+            let _ = self.commit(&mut group).await;
+        }
+    }
+
+    async fn commit(&mut self, group: &mut [Commit]) -> Result<(), String> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err("store failed earlier".to_string());
+        }
+        let ops: Vec<MetaOp> = group
+            .iter_mut()
+            .flat_map(|c| std::mem::take(&mut c.ops))
+            .collect();
+        let free: Vec<u64> = group
+            .iter_mut()
+            .flat_map(|c| std::mem::take(&mut c.free))
+            .collect();
+        let needs_flush = group.iter().any(|c| c.needs_flush);
+        let sync = group.is_empty()
+            || group.iter().any(|c| c.durability == Durability::Durable)
+            || self.unsynced.free.len() + free.len() >= BUFFERED_FREE_MAX
+            || self
+                .unsynced
+                .since
+                .is_some_and(|since| since.elapsed() >= BUFFERED_SYNC_AFTER);
+        if ops.is_empty() && free.is_empty() && (!sync || self.unsynced.since.is_none()) {
+            // A flush with nothing unsynced: already durable.
+            return Ok(());
+        }
+        let flush_data =
+            sync && (needs_flush || self.unsynced.data) && !self.skip_flush.load(Ordering::Acquire);
+        let result = commit_group(&self.device, &self.meta, ops, flush_data, sync).await;
         if let Err(message) = &result {
             tracing::error!("store commit failed, refusing further writes: {message}");
-            failed.store(true, Ordering::Release);
+            self.failed.store(true, Ordering::Release);
+            return result;
         }
-        for commit in group {
-            let _ = commit.done.send(result.clone());
+        if sync {
+            let unsynced = std::mem::take(&mut self.unsynced);
+            let mut allocator = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
+            for block in unsynced.free.into_iter().chain(free) {
+                allocator.free(block);
+            }
+        } else {
+            self.unsynced.since.get_or_insert_with(Instant::now);
+            self.unsynced.data |= needs_flush;
+            self.unsynced.free.extend(free);
         }
+        Ok(())
     }
 }
 
+/// One device flush (with `flush_data`), then one RocksDB batch, synced
+/// with `sync`.
 async fn commit_group<D: BlockDevice>(
     device: &Arc<D>,
     meta: &Arc<MetaStore>,
-    group: &mut [Commit],
-    flush: bool,
+    ops: Vec<MetaOp>,
+    flush_data: bool,
+    sync: bool,
 ) -> Result<(), String> {
-    if flush && group.iter().any(|c| c.needs_flush) {
+    if flush_data {
         device
             .flush()
             .await
             .map_err(|e| format!("data flush failed: {e}"))?;
     }
-    let ops: Vec<MetaOp> = group
-        .iter_mut()
-        .flat_map(|c| std::mem::take(&mut c.ops))
-        .collect();
     let meta = meta.clone();
-    tokio::task::spawn_blocking(move || meta.write(&ops, true))
+    tokio::task::spawn_blocking(move || meta.write(&ops, sync))
         .await
         .map_err(|e| format!("metadata commit task failed: {e}"))?
         .map_err(|e| format!("metadata commit failed: {e}"))

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use basalt_client::{BlockClient, ClientConfig, Volume};
+use basalt_client::{BlockClient, ClientConfig, Durability, Volume};
 use basalt_monitor::MonClient;
 use basalt_placement::{PgId, PoolId};
 use basalt_tests::{DevCluster, create_volume_sized};
@@ -73,7 +73,7 @@ async fn fill(volume: &Volume, size: u64) -> anyhow::Result<()> {
                 if offset >= size {
                     return Ok::<(), anyhow::Error>(());
                 }
-                volume.write(offset, &data).await?;
+                volume.write(offset, &data, Durability::Durable).await?;
             }
         }));
     }
@@ -109,7 +109,10 @@ fn start_load(volume: Volume, size: u64, depth: usize, ops: Arc<AtomicU64>, stop
                 let ok = if rng.random_bool(0.7) {
                     volume.read(offset, 4096).await.is_ok()
                 } else {
-                    volume.write(offset, &block).await.is_ok()
+                    volume
+                        .write(offset, &block, Durability::Durable)
+                        .await
+                        .is_ok()
                 };
                 if ok {
                     ops.fetch_add(1, Ordering::Relaxed);
