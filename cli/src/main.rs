@@ -92,6 +92,7 @@ enum DevCommand {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init();
+    keep_large_allocations_on_the_heap();
     let result = match cli.command {
         Command::Mon(args) => mon::run_monitor(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Osd(args) => osd::run(args, &cli.mon, cli.json),
@@ -127,4 +128,17 @@ fn with_mon(
     let mon = MonClient::from_list(list)?;
     run(&mon)?;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// glibc serves allocations above 128 KiB with a fresh mmap and returns them
+/// with munmap: every 1 MiB request buffer then costs 256 page faults and
+/// zeroing pages (profile of a 1 MiB sequential write: ~5% of daemon CPU).
+/// Daemons allocate such buffers all the time, so keep them on the heap.
+fn keep_large_allocations_on_the_heap() {
+    // SAFETY: mallopt only changes allocator tunables; called before any
+    // thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
 }

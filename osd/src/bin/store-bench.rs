@@ -3,11 +3,14 @@
 //!
 //! `cargo run --release -p basalt-osd --bin store-bench -- --dir DIR --size 4G [--json]`
 //!
-//! Workloads (4 KiB unless said): random write QD1 (the store acknowledges
-//! only durable writes, so raw fio runs with `--fdatasync=1` for this one),
-//! random write QD32 (raw without sync), random read QD1 and QD32, 1 MiB
-//! sequential write QD8. The store's working set and the raw file are both
-//! half of `--size` (copy-on-write needs free blocks) and both prefilled.
+//! Workloads (4 KiB unless said): random write QD1 (durable: the store syncs
+//! before acknowledging, raw fio runs with `--fdatasync=1`), random write
+//! QD32 and 1 MiB sequential write QD8 (raw fio without sync; the store
+//! with the same promise, `Durability::Buffered`: data written with O_DIRECT,
+//! metadata in the unsynced WAL, as an NBD write without FUA; both are also
+//! run durable, as extra rows), random read QD1 and QD32. The store's
+//! working set and the raw file are both half of `--size` (copy-on-write
+//! needs free blocks) and both prefilled.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,6 +21,7 @@ use anyhow::{Context, bail};
 use basalt_fio_bench::raw::{self, Figures, STORAGE_WORKLOADS, Workload};
 use basalt_osd::store::{ObjectKey, ObjectStore, StoreConfig, UringDevice};
 use basalt_placement::{ObjectId, PgId, PoolId, VolumeId};
+use basalt_wire::Durability;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -44,7 +48,9 @@ struct Args {
 
 #[derive(Debug, Serialize)]
 struct Row {
-    workload: &'static str,
+    workload: String,
+    /// How the store acknowledged writes (`durable`, `buffered`; reads: `-`).
+    store_writes: &'static str,
     raw: Figures,
     store: Figures,
     ratio: f64,
@@ -54,10 +60,12 @@ struct Row {
 struct Report {
     randwrite_qd1_vs_raw_fdatasync: f64,
     randwrite_qd32_vs_raw: f64,
+    randwrite_qd32_durable_vs_raw: f64,
     randread_qd32_vs_raw: f64,
     randread_qd1_vs_raw: f64,
     randread_qd1_latency_delta_us: f64,
     seqwrite_vs_raw: f64,
+    seqwrite_durable_vs_raw: f64,
     working_set_bytes: u64,
     runtime_seconds: u64,
     rows: Vec<Row>,
@@ -117,19 +125,42 @@ fn main() -> anyhow::Result<()> {
     for workload in STORAGE_WORKLOADS {
         progress(&format!("{}: raw fio", workload.name));
         let raw = raw::run(&raw_file, working_set, &workload, args.runtime)?;
-        progress(&format!("{}: store", workload.name));
-        let store_figures = runtime.block_on(store_run(
-            store.clone(),
-            working_set,
-            workload,
-            Duration::from_secs(args.runtime),
-        ))?;
-        rows.push(Row {
-            workload: workload.name,
-            raw,
-            ratio: store_figures.iops / raw.iops.max(1e-9),
-            store: store_figures,
-        });
+        // The store makes the promise raw fio's job makes; unsynced raw
+        // writes are also compared with durable store writes.
+        let mut modes = vec![if workload.fdatasync {
+            Durability::Durable
+        } else {
+            Durability::Buffered
+        }];
+        if workload.write && !workload.fdatasync {
+            modes.push(Durability::Durable);
+        }
+        for (n, durability) in modes.into_iter().enumerate() {
+            let label = match (workload.write, durability) {
+                (false, _) => "-",
+                (true, Durability::Durable) => "durable",
+                (true, Durability::Buffered) => "buffered",
+            };
+            progress(&format!("{}: store ({label})", workload.name));
+            let store_figures = runtime.block_on(store_run(
+                store.clone(),
+                working_set,
+                workload,
+                durability,
+                Duration::from_secs(args.runtime),
+            ))?;
+            rows.push(Row {
+                workload: if n == 0 {
+                    workload.name.to_string()
+                } else {
+                    format!("{} ({label})", workload.name)
+                },
+                store_writes: label,
+                raw,
+                ratio: store_figures.iops / raw.iops.max(1e-9),
+                store: store_figures,
+            });
+        }
     }
     if let Ok(store) = Arc::try_unwrap(store) {
         runtime.block_on(store.close());
@@ -146,10 +177,12 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         randwrite_qd1_vs_raw_fdatasync: ratio("randwrite 4k qd1"),
         randwrite_qd32_vs_raw: ratio("randwrite 4k qd32"),
+        randwrite_qd32_durable_vs_raw: ratio("randwrite 4k qd32 (durable)"),
         randread_qd32_vs_raw: ratio("randread 4k qd32"),
         randread_qd1_vs_raw: ratio("randread 4k qd1"),
         randread_qd1_latency_delta_us: qd1_read,
         seqwrite_vs_raw: ratio("seqwrite 1m qd8"),
+        seqwrite_durable_vs_raw: ratio("seqwrite 1m qd8 (durable)"),
         working_set_bytes: working_set,
         runtime_seconds: args.runtime,
         rows,
@@ -226,6 +259,7 @@ async fn store_run(
     store: Arc<ObjectStore<UringDevice>>,
     working_set: u64,
     workload: Workload,
+    durability: Durability,
     runtime: Duration,
 ) -> anyhow::Result<Figures> {
     let blocks_in_set = working_set / workload.block_bytes;
@@ -256,7 +290,9 @@ async fn store_run(
                 let within = offset % OBJECT_BYTES;
                 if workload.write {
                     version += 1;
-                    store.write(&key, within, &data, version).await?;
+                    store
+                        .write_with(&key, within, &data, version, durability)
+                        .await?;
                 } else {
                     store.read(&key, within, workload.block_bytes).await?;
                 }
@@ -283,8 +319,9 @@ async fn store_run(
 
 fn print_table(report: &Report) {
     println!(
-        "{:<20} {:>11} {:>11} {:>7} {:>10} {:>10} {:>10} {:>10}",
+        "{:<30} {:>9} {:>11} {:>11} {:>7} {:>10} {:>10} {:>10} {:>10}",
         "workload",
+        "store ack",
         "raw IOPS",
         "store IOPS",
         "ratio",
@@ -295,8 +332,9 @@ fn print_table(report: &Report) {
     );
     for row in &report.rows {
         println!(
-            "{:<20} {:>11.0} {:>11.0} {:>7.2} {:>8.0}us {:>8.0}us {:>8.0}us {:>8.0}us",
+            "{:<30} {:>9} {:>11.0} {:>11.0} {:>7.2} {:>8.0}us {:>8.0}us {:>8.0}us {:>8.0}us",
             row.workload,
+            row.store_writes,
             row.raw.iops,
             row.store.iops,
             row.ratio,
@@ -308,12 +346,14 @@ fn print_table(report: &Report) {
     }
     println!();
     println!(
-        "randwrite_qd1_vs_raw_fdatasync {:.2}  randwrite_qd32_vs_raw {:.2}  randread_qd32_vs_raw {:.2}  \
-         randread_qd1_latency_delta_us {:.1}  seqwrite_vs_raw {:.2}",
+        "randwrite_qd1_vs_raw_fdatasync {:.2}  randwrite_qd32_vs_raw {:.2} (durable {:.2})  \
+         randread_qd32_vs_raw {:.2}  randread_qd1_latency_delta_us {:.1}  seqwrite_vs_raw {:.2} (durable {:.2})",
         report.randwrite_qd1_vs_raw_fdatasync,
         report.randwrite_qd32_vs_raw,
+        report.randwrite_qd32_durable_vs_raw,
         report.randread_qd32_vs_raw,
         report.randread_qd1_latency_delta_us,
-        report.seqwrite_vs_raw
+        report.seqwrite_vs_raw,
+        report.seqwrite_durable_vs_raw
     );
 }

@@ -8,8 +8,9 @@
 //! verdict until every PG's primary reports it active and clean again: the
 //! recovery bandwidth (bytes the primaries planned to copy, from their logs,
 //! over that time)
-//! and, in the loaded round, the client's 4 KiB random IOPS (70% reads) in
-//! that window as a fraction of its IOPS before the kill.
+//! and, in the loaded round, the client's 4 KiB random IOPS (70% reads,
+//! writes buffered as the NBD gateway issues a guest's writes without FUA)
+//! in that window as a fraction of its IOPS before the kill.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -109,8 +110,9 @@ fn start_load(volume: Volume, size: u64, depth: usize, ops: Arc<AtomicU64>, stop
                 let ok = if rng.random_bool(0.7) {
                     volume.read(offset, 4096).await.is_ok()
                 } else {
+                    // As the NBD gateway writes for a guest (no FUA).
                     volume
-                        .write(offset, &block, Durability::Durable)
+                        .write(offset, &block, Durability::Buffered)
                         .await
                         .is_ok()
                 };
