@@ -43,6 +43,10 @@ pub struct OsdArgs {
     /// Recovery bandwidth ceiling, e.g. 256M (per second).
     #[arg(long, default_value = "256M")]
     recovery_bytes_per_sec: String,
+    /// Recovery bandwidth ceiling while clients are active on the OSD (it
+    /// then also copies one object at a time).
+    #[arg(long, default_value = "32M")]
+    recovery_bytes_per_sec_busy: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,6 +126,8 @@ fn run_daemon(args: OsdArgs, mon: &str) -> anyhow::Result<()> {
         recovery: basalt_osd::daemon::RecoveryConfig {
             recovery_max_active: args.recovery_max_active.max(1),
             recovery_bytes_per_sec_max: parse_size(&args.recovery_bytes_per_sec)?.max(1 << 20),
+            recovery_bytes_per_sec_busy: parse_size(&args.recovery_bytes_per_sec_busy)?
+                .max(1 << 20),
             ..basalt_osd::daemon::RecoveryConfig::default()
         },
     };

@@ -64,6 +64,11 @@ pub struct OsdService {
     previous_map: Mutex<Option<Arc<ClusterMap>>>,
     recovery: RecoveryConfig,
     throttle: Mutex<peering::Throttle>,
+    /// When this OSD last served a client op as a primary (recovery yields
+    /// to client I/O: see `peering`).
+    last_client_op: Mutex<Option<std::time::Instant>>,
+    /// Background copies run one at a time while clients are active.
+    busy_copies: tokio::sync::Semaphore,
     /// Wakes the recovery task (a client op found its PG unsettled).
     recovery_wakeup: tokio::sync::Notify,
     /// Objects each recovering PG still has to copy.
@@ -118,6 +123,8 @@ impl OsdService {
             previous_map: Mutex::new(None),
             recovery,
             throttle: Mutex::new(peering::Throttle::default()),
+            last_client_op: Mutex::new(None),
+            busy_copies: tokio::sync::Semaphore::new(1),
             recovery_wakeup: tokio::sync::Notify::new(),
             pending: Mutex::new(HashMap::new()),
         }
@@ -249,6 +256,12 @@ impl OsdService {
             return reply(&frame, Status::Busy, epoch, message(reason));
         }
         let writes = matches!(frame.kind, Kind::Write | Kind::WriteZeroes | Kind::Discard);
+        if writes || matches!(frame.kind, Kind::Read | Kind::BlockStatus) {
+            *self
+                .last_client_op
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+        }
         if frame.kind != Kind::PgScrub
             && let Err(reason) = self.recover_if_pending(&key, &map, writes).await
         {

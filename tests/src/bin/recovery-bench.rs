@@ -210,7 +210,14 @@ async fn round(args: &Args, client_load: bool) -> anyhow::Result<Round> {
                 active += 1;
             }
         }
-        eprint!("\rrecovery-bench: {active}/{pg_count} PGs active");
+        let done_ops = ops.load(Ordering::Relaxed) - ops_at_down;
+        eprint!(
+            "\rrecovery-bench: {active}/{pg_count} PGs active, {:.1} s, client ops since the verdict {done_ops}",
+            down.elapsed().as_secs_f64()
+        );
+        if client_load {
+            eprintln!();
+        }
         if active == pg_count {
             break;
         }

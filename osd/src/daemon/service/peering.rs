@@ -16,9 +16,12 @@
 //!
 //! Recovery runs `recovery_max_active` PGs at a time and at most
 //! `recovery_bytes_per_sec_max` bytes per second (copies pause to keep to
-//! it), below client I/O. Not yet: objects of a PG are not recovered on
-//! demand while the rest of the PG copies (the whole PG waits), and copies
-//! left on OSDs that are no longer members are not removed.
+//! it), below client I/O: while this OSD served a client op in the last
+//! `CLIENT_ACTIVE_WINDOW`, background copies run one at a time and at
+//! `recovery_bytes_per_sec_busy` (the idea of Ceph's recovery sleep and
+//! mClock's client reservation: a busy disk goes to clients first). A copy a
+//! client op waits for is never held back. Not yet: copies left on OSDs that
+//! are no longer members are not removed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +41,8 @@ use crate::store::ObjectKey;
 const CLIENT_WAIT_FOR_PEERING: Duration = Duration::from_secs(3);
 /// PGs peered at once (inventories and planning; no data moves).
 const PEERING_CONCURRENCY: usize = 16;
+/// A client op this recent makes background recovery yield.
+const CLIENT_ACTIVE_WINDOW: Duration = Duration::from_millis(500);
 
 /// Recovery limits.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +53,8 @@ pub struct RecoveryConfig {
     pub recovery_copies_in_flight: usize,
     /// Recovery bandwidth ceiling, bytes per second. Default 256 MiB/s.
     pub recovery_bytes_per_sec_max: u64,
+    /// The ceiling while clients are active on this OSD. Default 32 MiB/s.
+    pub recovery_bytes_per_sec_busy: u64,
     /// Light scrub (metadata checksums compared across members) of every
     /// PG this OSD leads, every this many seconds; 0 turns it off. Default
     /// 21,600 (6 h).
@@ -60,6 +67,7 @@ impl Default for RecoveryConfig {
             recovery_max_active: 2,
             recovery_copies_in_flight: 4,
             recovery_bytes_per_sec_max: 256 << 20,
+            recovery_bytes_per_sec_busy: 32 << 20,
             scrub_interval_secs: 6 * 3600,
         }
     }
@@ -559,6 +567,23 @@ impl OsdService {
             pg,
             object: copy.object,
         };
+        let clients_active = || {
+            self.last_client_op
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|at| at.elapsed() < CLIENT_ACTIVE_WINDOW)
+        };
+        // Background copies take turns while clients are active.
+        let _turn = if throttled && clients_active() {
+            Some(
+                self.busy_copies
+                    .acquire()
+                    .await
+                    .map_err(|_| "recovery stopped".to_string())?,
+            )
+        } else {
+            None
+        };
         let contents = if copy.source == self.id {
             let (version, blocks) = self
                 .store
@@ -597,11 +622,16 @@ impl OsdService {
                 self.call_peer(*target, map, Kind::ObjPush, payload.clone())
                     .await?;
             }
+            let limit = if clients_active() {
+                self.recovery.recovery_bytes_per_sec_busy
+            } else {
+                self.recovery.recovery_bytes_per_sec_max
+            };
             let pause = self
                 .throttle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .charge(bytes.max(4096), self.recovery.recovery_bytes_per_sec_max);
+                .charge(bytes.max(4096), limit);
             // Copies a client op waits for are not held back.
             if throttled && !pause.is_zero() {
                 tokio::time::sleep(pause).await;
