@@ -165,9 +165,7 @@ impl BlockClient {
         length: u64,
         op: &Op<'_>,
     ) -> Result<Bytes, ClientError> {
-        let started = Instant::now();
-        let mut attempts = 0u32;
-        let mut backoff = Duration::from_millis(20);
+        let mut retry = Retry::new();
         let (kind, data, flags): (Kind, &[u8], u32) = match op {
             Op::Read => (Kind::Read, &[], 0),
             Op::Write(data, durability) => (Kind::Write, data, durability.op_flags()),
@@ -182,7 +180,6 @@ impl BlockClient {
             Op::Discard(durability) => (Kind::Discard, &[], durability.op_flags()),
         };
         loop {
-            attempts += 1;
             let map = self.map();
             let outcome = self
                 .try_object_op(
@@ -216,19 +213,7 @@ impl BlockClient {
                     e.to_string()
                 }
             };
-            if started.elapsed() > self.config.retry_for {
-                return Err(ClientError::GaveUp {
-                    attempts,
-                    seconds: started.elapsed().as_secs_f64(),
-                    last,
-                });
-            }
-            tracing::debug!(attempts, "retrying object op: {last}");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
-            if attempts.is_multiple_of(4) {
-                let _ = self.refresh_map().await;
-            }
+            retry.pause(self, "object op", last).await?;
         }
     }
 
@@ -359,14 +344,54 @@ impl BlockClient {
             status: 0,
             payload: header.encode_with(data),
         };
-        let connection = self.pool.get(addr).await?;
-        match connection.call(frame, self.config.request_timeout).await {
-            Ok(reply) => Ok((primary, reply)),
-            Err(e) => {
-                self.pool.forget(addr).await;
-                Err(e)
-            }
+        let reply = self
+            .pool
+            .call(addr, frame, self.config.request_timeout)
+            .await?;
+        Ok((primary, reply))
+    }
+}
+
+/// Pacing of an operation retried until `ClientConfig::retry_for` runs out:
+/// backoff from 20 ms doubling to 500 ms, a map refresh every fourth attempt.
+struct Retry {
+    started: Instant,
+    attempts: u32,
+    backoff: Duration,
+}
+
+impl Retry {
+    fn new() -> Retry {
+        Retry {
+            started: Instant::now(),
+            attempts: 0,
+            backoff: Duration::from_millis(20),
         }
+    }
+
+    /// After a failed attempt (`last` says why): gives up once `retry_for`
+    /// has passed, otherwise waits before the next attempt.
+    async fn pause(
+        &mut self,
+        client: &BlockClient,
+        what: &str,
+        last: String,
+    ) -> Result<(), ClientError> {
+        self.attempts += 1;
+        if self.started.elapsed() > client.config.retry_for {
+            return Err(ClientError::GaveUp {
+                attempts: self.attempts,
+                seconds: self.started.elapsed().as_secs_f64(),
+                last,
+            });
+        }
+        tracing::debug!(attempts = self.attempts, "retrying {what}: {last}");
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(500));
+        if self.attempts.is_multiple_of(4) {
+            let _ = client.refresh_map().await;
+        }
+        Ok(())
     }
 }
 
@@ -415,11 +440,8 @@ impl BlockClient {
     /// (then its copies are flushed with the other members; if it comes
     /// back, its store syncs at open).
     async fn flush_osd(&self, osd: OsdId) -> Result<(), ClientError> {
-        let started = Instant::now();
-        let mut attempts = 0u32;
-        let mut backoff = Duration::from_millis(20);
+        let mut retry = Retry::new();
         loop {
-            attempts += 1;
             let map = self.map();
             let Some(entry) = map.osds.get(&osd).filter(|o| o.up) else {
                 return Ok(());
@@ -427,45 +449,33 @@ impl BlockClient {
             let addr: Option<SocketAddr> = entry.addr.as_deref().and_then(|a| a.parse().ok());
             let last = match addr {
                 None => format!("{osd} has no address"),
-                Some(addr) => match self.pool.get(addr).await {
-                    Err(e) => e.to_string(),
-                    Ok(connection) => {
-                        let frame = Frame {
-                            kind: Kind::Flush,
-                            flags: 0,
-                            request_id: 0,
-                            epoch: map.epoch.0,
-                            status: 0,
-                            payload: Bytes::new(),
-                        };
-                        match connection.call(frame, self.config.request_timeout).await {
-                            Ok(reply) if reply.status == Status::Ok as u32 => return Ok(()),
-                            Ok(reply) => format!(
-                                "{osd} answered {:?}: {}",
-                                Status::from_u32(reply.status),
-                                String::from_utf8_lossy(&reply.payload)
-                            ),
-                            Err(e) => {
-                                self.pool.forget(addr).await;
-                                e.to_string()
-                            }
-                        }
+                Some(addr) => {
+                    let frame = Frame {
+                        kind: Kind::Flush,
+                        flags: 0,
+                        request_id: 0,
+                        epoch: map.epoch.0,
+                        status: 0,
+                        payload: Bytes::new(),
+                    };
+                    match self
+                        .pool
+                        .call(addr, frame, self.config.request_timeout)
+                        .await
+                    {
+                        Ok(reply) if reply.status == Status::Ok as u32 => return Ok(()),
+                        Ok(reply) => format!(
+                            "{osd} answered {:?}: {}",
+                            Status::from_u32(reply.status),
+                            String::from_utf8_lossy(&reply.payload)
+                        ),
+                        Err(e) => e.to_string(),
                     }
-                },
+                }
             };
-            if started.elapsed() > self.config.retry_for {
-                return Err(ClientError::GaveUp {
-                    attempts,
-                    seconds: started.elapsed().as_secs_f64(),
-                    last: format!("flush of {osd}: {last}"),
-                });
-            }
-            tracing::debug!(attempts, "retrying flush of {osd}: {last}");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
-            if attempts.is_multiple_of(4) {
-                let _ = self.refresh_map().await;
-            }
+            retry
+                .pause(self, "flush", format!("flush of {osd}: {last}"))
+                .await?;
         }
     }
 }

@@ -173,4 +173,20 @@ impl ConnectionPool {
     pub async fn forget(&self, addr: SocketAddr) {
         self.connections.lock().await.remove(&addr);
     }
+
+    /// Sends `frame` to `addr` and returns the reply; a connection that
+    /// failed is dropped, so the next call reconnects.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        frame: Frame,
+        timeout: Duration,
+    ) -> Result<Frame, ClientError> {
+        let connection = self.get(addr).await?;
+        let reply = connection.call(frame, timeout).await;
+        if reply.is_err() {
+            self.forget(addr).await;
+        }
+        reply
+    }
 }

@@ -428,12 +428,7 @@ impl OsdService {
         } else {
             PEER_TIMEOUT
         };
-        let connection = self
-            .peers
-            .get(addr)
-            .await
-            .map_err(|e| format!("{osd}: {e}"))?;
-        match connection.call(frame, timeout).await {
+        match self.peers.call(addr, frame, timeout).await {
             Ok(reply) if reply.status == Status::Ok as u32 => Ok(reply.payload),
             Ok(reply) if reply.status == Status::StaleEpoch as u32 => {
                 self.want_epoch.send_if_modified(|wanted| {
@@ -453,10 +448,7 @@ impl OsdService {
                 Status::from_u32(reply.status),
                 String::from_utf8_lossy(&reply.payload)
             )),
-            Err(e) => {
-                self.peers.forget(addr).await;
-                Err(format!("{osd}: {e}"))
-            }
+            Err(e) => Err(format!("{osd}: {e}")),
         }
     }
 
