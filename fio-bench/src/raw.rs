@@ -91,27 +91,7 @@ impl Figures {
 
 /// Writes `size` bytes of `file` sequentially with fio (lays the file out).
 pub fn prefill(file: &Path, size: u64) -> anyhow::Result<()> {
-    let output = Command::new("fio")
-        .args([
-            "--name=prefill",
-            &format!("--filename={}", file.display()),
-            &format!("--size={size}"),
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=write",
-            "--bs=1M",
-            "--iodepth=8",
-            "--output-format=json",
-        ])
-        .output()
-        .context("run fio (apt-get install fio)")?;
-    if !output.status.success() {
-        bail!(
-            "fio prefill failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
+    crate::suite::prefill(&crate::suite::Target::raw_file(file), size)
 }
 
 /// Runs `workload` with fio on `file` (`size` bytes) for `runtime` seconds.

@@ -58,6 +58,18 @@ pub struct Target {
     pub pids: Vec<u32>,
 }
 
+impl Target {
+    /// A file driven with io_uring and O_DIRECT: the device limit.
+    pub fn raw_file(file: &Path) -> Target {
+        Target {
+            name: "raw".to_string(),
+            engine: "io_uring".to_string(),
+            target: format!("filename={}", file.display()),
+            pids: Vec::new(),
+        }
+    }
+}
+
 /// What one workload achieved on one target.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Result {

@@ -250,12 +250,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // Baselines: a raw file, and qemu-nbd exporting it.
     let raw_file = args.out.join("raw.img");
     let qemu_port = free_port("127.0.0.1")?;
-    let mut targets = vec![Target {
-        name: "raw".into(),
-        engine: "io_uring".into(),
-        target: format!("filename={}", raw_file.display()),
-        pids: Vec::new(),
-    }];
+    let mut targets = vec![Target::raw_file(&raw_file)];
     progress(&format!(
         "prefilling the raw file {} ({size} bytes)",
         raw_file.display()
