@@ -424,6 +424,48 @@ async fn power_loss_keeps_every_acknowledged_write() {
     }
 }
 
+/// A store on `device` whose object `key(1, 0)` was written durably
+/// (`blocks` blocks of pattern 1) and then overwritten buffered (pattern 2).
+/// Returns it with the free block count and the device's flush count from
+/// before the overwrite.
+async fn durable_then_buffered(
+    device: &Arc<MemDevice>,
+    dir: &std::path::Path,
+    blocks: u64,
+) -> (ObjectStore<Arc<MemDevice>>, u64, u64) {
+    let store = mem_store(device, dir).await;
+    let a = key(1, 0);
+    store
+        .write(&a, 0, &pattern(1, (blocks * B) as usize), 1)
+        .await
+        .unwrap();
+    let (free_before, _) = store.space();
+    let (_, flushes_before) = device.counters();
+    store
+        .write_with(
+            &a,
+            0,
+            &pattern(2, (blocks * B) as usize),
+            2,
+            Durability::Buffered,
+        )
+        .await
+        .unwrap();
+    (store, free_before, flushes_before)
+}
+
+/// Cuts the power (every unflushed device write is lost) and reopens.
+async fn power_cycle(
+    store: ObjectStore<Arc<MemDevice>>,
+    device: &Arc<MemDevice>,
+    dir: &std::path::Path,
+) -> ObjectStore<Arc<MemDevice>> {
+    device.power_loss(|_| false);
+    store.close().await;
+    device.power_on();
+    mem_store(device, dir).await
+}
+
 /// Buffered changes (NBD writes without FUA) are acknowledged without a
 /// device flush or a metadata sync; the blocks they give up stay allocated
 /// until a sync covers them (power loss would bring the old metadata back);
@@ -433,25 +475,8 @@ async fn power_loss_keeps_every_acknowledged_write() {
 async fn buffered_changes_are_durable_after_flush() {
     let dir = tempfile::tempdir().unwrap();
     let device = Arc::new(MemDevice::new(4096));
-    let store = mem_store(&device, dir.path()).await;
+    let (store, free_before, flushes_before) = durable_then_buffered(&device, dir.path(), 64).await;
     let a = key(1, 0);
-    store
-        .write(&a, 0, &pattern(1, (64 * B) as usize), 1)
-        .await
-        .unwrap();
-    let (free_before, _) = store.space();
-    let (_, flushes_before) = device.counters();
-
-    store
-        .write_with(
-            &a,
-            0,
-            &pattern(2, (64 * B) as usize),
-            2,
-            Durability::Buffered,
-        )
-        .await
-        .unwrap();
     for i in 0..16u64 {
         store
             .write_with(
@@ -500,10 +525,7 @@ async fn buffered_changes_are_durable_after_flush() {
     assert_eq!(device.counters().1, flushes);
 
     // The power goes and takes every unflushed device write with it.
-    device.power_loss(|_| false);
-    store.close().await;
-    device.power_on();
-    let store = mem_store(&device, dir.path()).await;
+    let store = power_cycle(store, &device, dir.path()).await;
     assert_eq!(
         store.read(&a, 0, 64 * B).await.unwrap()[..],
         pattern(2, (64 * B) as usize)[..]
@@ -534,24 +556,8 @@ async fn buffered_changes_are_durable_after_flush() {
 async fn buffered_changes_are_synced_without_a_flush() {
     let dir = tempfile::tempdir().unwrap();
     let device = Arc::new(MemDevice::new(4096));
-    let store = mem_store(&device, dir.path()).await;
+    let (store, free_before, flushes_before) = durable_then_buffered(&device, dir.path(), 32).await;
     let a = key(1, 0);
-    store
-        .write(&a, 0, &pattern(1, (32 * B) as usize), 1)
-        .await
-        .unwrap();
-    let (free_before, _) = store.space();
-    let (_, flushes_before) = device.counters();
-    store
-        .write_with(
-            &a,
-            0,
-            &pattern(2, (32 * B) as usize),
-            2,
-            Durability::Buffered,
-        )
-        .await
-        .unwrap();
     assert_eq!(store.space().0, free_before - 32);
     let mut waited = std::time::Duration::ZERO;
     while store.space().0 != free_before && waited < std::time::Duration::from_secs(10) {
@@ -564,10 +570,7 @@ async fn buffered_changes_are_synced_without_a_flush() {
         "the committer never synced on its own"
     );
     assert!(device.counters().1 > flushes_before);
-    device.power_loss(|_| false);
-    store.close().await;
-    device.power_on();
-    let store = mem_store(&device, dir.path()).await;
+    let store = power_cycle(store, &device, dir.path()).await;
     assert_eq!(
         store.read(&a, 0, 32 * B).await.unwrap()[..],
         pattern(2, (32 * B) as usize)[..]

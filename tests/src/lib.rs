@@ -457,6 +457,37 @@ pub async fn create_volume_sized(
     .map(|_| ())
 }
 
+/// Writes `data[start..end]` to `volume` at queue depth `depth`: writer `w`
+/// takes chunks `w, w + depth, ...` of `chunk` bytes. Panics if any write is
+/// not acknowledged.
+pub async fn write_striped(
+    volume: &basalt_client::Volume,
+    data: &std::sync::Arc<Vec<u8>>,
+    (start, end): (u64, u64),
+    (depth, chunk): (u64, u64),
+    durability: basalt_client::Durability,
+) {
+    let mut writers = Vec::new();
+    for writer in 0..depth {
+        let (volume, data) = (volume.clone(), data.clone());
+        writers.push(tokio::spawn(async move {
+            let mut offset = start + writer * chunk;
+            while offset < end {
+                let slice = &data[offset as usize..(offset + chunk) as usize];
+                if let Err(e) = volume.write(offset, slice, durability).await {
+                    panic!("write at {offset} not acknowledged: {e}");
+                }
+                offset += depth * chunk;
+            }
+        }));
+    }
+    for writer in writers {
+        if let Err(e) = writer.await {
+            panic!("writer failed: {e}");
+        }
+    }
+}
+
 /// Runs `program ARGS` to completion; panics if it cannot be started (the
 /// tools come from `scripts/install-deps.sh`).
 pub fn must_run<S: AsRef<std::ffi::OsStr>>(program: &str, args: &[S]) -> std::process::Output {

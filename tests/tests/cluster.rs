@@ -17,7 +17,7 @@ use basalt_monitor::MonClient;
 use basalt_osd::store::{ObjectStore, StoreConfig};
 use basalt_placement::{ClusterMap, PgId, Placer};
 use basalt_proto::monitor as pb;
-use basalt_tests::{DevCluster, basalt};
+use basalt_tests::{DevCluster, basalt, write_striped};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -70,25 +70,14 @@ async fn replicated_volume_round_trip_and_restart() {
     let volume = client.open("rbd", "data").await.unwrap();
     let data = Arc::new(seeded(data_len as usize, 42));
     // Queue depth 16: sixteen writers, each a stripe of 256 KiB requests.
-    let chunk = 256 * 1024u64;
-    let mut writers = Vec::new();
-    for writer in 0..16u64 {
-        let (volume, data) = (volume.clone(), data.clone());
-        writers.push(tokio::spawn(async move {
-            let mut offset = writer * chunk;
-            while offset < data_len {
-                let slice = &data[offset as usize..(offset + chunk) as usize];
-                volume
-                    .write(offset, slice, Durability::Durable)
-                    .await
-                    .unwrap();
-                offset += 16 * chunk;
-            }
-        }));
-    }
-    for writer in writers {
-        writer.await.unwrap();
-    }
+    write_striped(
+        &volume,
+        &data,
+        (0, data_len),
+        (16, 256 * 1024),
+        Durability::Durable,
+    )
+    .await;
     let back = volume.read(0, data_len).await.unwrap();
     assert!(back[..] == data[..], "data read back differs");
     // Unaligned and out-of-range requests are refused, not crashed on.

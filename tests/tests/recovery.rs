@@ -15,7 +15,7 @@ use basalt_client::{BlockClient, ClientConfig, Durability, Volume};
 use basalt_monitor::MonClient;
 use basalt_osd::store::{ObjectStore, StoreConfig};
 use basalt_placement::{ClusterMap, OsdId, Placer};
-use basalt_tests::{DevCluster, basalt, create_volume_sized};
+use basalt_tests::{DevCluster, basalt, create_volume_sized, write_striped};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -48,25 +48,14 @@ async fn open_volume(cluster: &DevCluster, size: u64) -> (Arc<BlockClient>, Volu
 /// once applied on every copy, not yet synced, which must survive any
 /// daemon's SIGKILL just the same.
 async fn write_all(volume: &Volume, data: &Arc<Vec<u8>>, start: u64, end: u64) {
-    let chunk = 512 * 1024;
-    let mut writers = Vec::new();
-    for writer in 0..8u64 {
-        let (volume, data) = (volume.clone(), data.clone());
-        writers.push(tokio::spawn(async move {
-            let mut offset = start + writer * chunk;
-            while offset < end {
-                let slice = &data[offset as usize..(offset + chunk) as usize];
-                volume
-                    .write(offset, slice, Durability::Buffered)
-                    .await
-                    .unwrap();
-                offset += 8 * chunk;
-            }
-        }));
-    }
-    for writer in writers {
-        writer.await.unwrap();
-    }
+    write_striped(
+        volume,
+        data,
+        (start, end),
+        (8, 512 * 1024),
+        Durability::Buffered,
+    )
+    .await;
 }
 
 async fn wait_for_map(client: &BlockClient, what: &str, check: impl Fn(&ClusterMap) -> bool) {
