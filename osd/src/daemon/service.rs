@@ -58,10 +58,6 @@ pub struct OsdService {
     pgs: Mutex<HashMap<PgId, PgPeering>>,
     /// One peering at a time per PG.
     peer_locks: Mutex<HashMap<PgId, Arc<tokio::sync::Mutex<()>>>>,
-    /// The acting set this OSD last settled per PG, as primary.
-    settled: Mutex<HashMap<PgId, Vec<OsdId>>>,
-    /// The map before the current one (peering asks its members too).
-    previous_map: Mutex<Option<Arc<ClusterMap>>>,
     recovery: RecoveryConfig,
     throttle: Mutex<peering::Throttle>,
     /// When this OSD last served a client op as a primary (recovery yields
@@ -119,8 +115,6 @@ impl OsdService {
             versions: Mutex::new(HashMap::new()),
             pgs: Mutex::new(HashMap::new()),
             peer_locks: Mutex::new(HashMap::new()),
-            settled: Mutex::new(HashMap::new()),
-            previous_map: Mutex::new(None),
             recovery,
             throttle: Mutex::new(peering::Throttle::default()),
             last_client_op: Mutex::new(None),
@@ -263,7 +257,9 @@ impl OsdService {
                 .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
         }
         if frame.kind != Kind::PgScrub
-            && let Err(reason) = self.recover_if_pending(&key, &map, writes).await
+            && let Err(reason) = self
+                .recover_if_pending(&key, &map, &acting.members, writes)
+                .await
         {
             return reply(&frame, Status::Busy, epoch, message(reason));
         }
@@ -337,6 +333,17 @@ impl OsdService {
                 let _order = self.order[self.stripe(&key)].lock().await;
                 let mut header = header;
                 header.version = self.next_version(key.pg);
+                // Members recovery has not brought this object to yet are
+                // skipped; the pending copy brings them this write.
+                let skipped = match self.write_around_pending(
+                    &key,
+                    header.version,
+                    &acting.members,
+                    pool_min,
+                ) {
+                    Ok(skipped) => skipped,
+                    Err(reason) => return reply(&frame, Status::Busy, epoch, message(reason)),
+                };
                 let replica_kind = match frame.kind {
                     Kind::Write => Kind::RepWrite,
                     Kind::WriteZeroes => Kind::RepWriteZeroes,
@@ -346,6 +353,7 @@ impl OsdService {
                 let local = self.apply_local(&frame, &header, &key, data.clone(), epoch);
                 let remotes = acting.members[1..]
                     .iter()
+                    .filter(|osd| !skipped.contains(osd))
                     .map(|osd| self.call_peer(*osd, &map, replica_kind, payload.clone()));
                 let (local, remotes) = tokio::join!(local, futures::future::join_all(remotes));
                 if local.status != Status::Ok as u32 {

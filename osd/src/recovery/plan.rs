@@ -36,6 +36,38 @@ pub struct Copy {
     pub targets: Vec<OsdId>,
 }
 
+impl Copy {
+    /// A client write to this copy's object while the copy is pending
+    /// (asynchronous recovery, as Ceph's async recovery targets): returns
+    /// the members the write skips (the copy's targets, which get the
+    /// object from the copy afterwards), or `None` when the write must wait
+    /// for the copy: the primary itself lacks the newest version, or fewer
+    /// than `min_size` members of `acting` would take the write.
+    pub fn write_around(
+        &self,
+        primary: OsdId,
+        acting: &[OsdId],
+        min_size: usize,
+    ) -> Option<&[OsdId]> {
+        if self.targets.contains(&primary) {
+            return None;
+        }
+        let holders = acting
+            .iter()
+            .filter(|osd| !self.targets.contains(osd))
+            .count();
+        (holders >= min_size.max(1)).then_some(&self.targets)
+    }
+
+    /// Records a write at `version` made around this copy by `primary`:
+    /// the targets now need that version, which the primary holds (the
+    /// planned source may be an earlier member the write did not reach).
+    pub fn written_around(&mut self, primary: OsdId, version: u64) {
+        self.source = primary;
+        self.version = self.version.max(version);
+    }
+}
+
 /// The outcome of planning.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryPlan {
@@ -180,6 +212,31 @@ mod tests {
                 .all(|c| c.source == OsdId(1) && c.targets == vec![OsdId(7)])
         );
         assert_eq!(plan.copies.len(), 2);
+    }
+
+    #[test]
+    fn a_write_goes_around_a_pending_copy_only_with_enough_holders() {
+        let acting = [OsdId(1), OsdId(2), OsdId(7)];
+        let mut copy = Copy {
+            object: object(1),
+            version: 5,
+            source: OsdId(2),
+            targets: vec![OsdId(7)],
+        };
+        assert_eq!(
+            copy.write_around(OsdId(1), &acting, 2),
+            Some(&[OsdId(7)][..])
+        );
+        // Two holders are not three.
+        assert_eq!(copy.write_around(OsdId(1), &acting, 3), None);
+        // A primary without the object copies it first.
+        let behind = Copy {
+            targets: vec![OsdId(1), OsdId(7)],
+            ..copy.clone()
+        };
+        assert_eq!(behind.write_around(OsdId(1), &acting, 1), None);
+        copy.written_around(OsdId(1), 9);
+        assert_eq!((copy.source, copy.version), (OsdId(1), 9));
     }
 
     #[test]

@@ -2,17 +2,19 @@
 //!
 //! Before a primary serves a PG whose acting set it has not settled (after
 //! every map change that touches the PG, and after its own start), it
-//! gathers every member's inventory (`PgList`), plans with
-//! [`RecoveryPlan`], copies each stale or missing object from a member that
-//! holds the newest version (`ObjPull`) to every member that lacks it
-//! (`ObjPush`, or locally), raises its version counter above everything
-//! seen, and only then serves I/O. Client ops that arrive meanwhile wait a
-//! little and are then answered `Busy`, which the client retries.
+//! gathers the inventories (`PgList`) of every member and every other up
+//! OSD, plans with [`RecoveryPlan`], raises its version counter above
+//! everything seen and serves I/O; meanwhile it copies each stale or
+//! missing object from an OSD that holds the newest version (`ObjPull`) to
+//! every member that lacks it (`ObjPush`, or locally). Client ops that
+//! arrive before the plan wait a little and are then answered `Busy`, which
+//! the client retries. A write to an object not copied yet skips the
+//! members that lack it when the rest make `min_size` (asynchronous
+//! recovery, as Ceph's), else copies it first.
 //!
-//! Sources beyond the acting set: the acting set this OSD last settled for
-//! the PG and the acting set at the previous map, where those OSDs are up.
-//! Every acknowledged write is on every member of the interval that took it,
-//! so one surviving member of the last interval is enough.
+//! Every acknowledged write is on at least `min_size` OSDs (all members of
+//! its interval, or the holders a write around a pending copy reached), so
+//! while one of them is up, asking every up OSD finds it.
 //!
 //! Recovery runs `recovery_max_active` PGs at a time and at most
 //! `recovery_bytes_per_sec_max` bytes per second (copies pause to keep to
@@ -78,8 +80,8 @@ impl Default for RecoveryConfig {
 pub enum PgPhase {
     /// Gathering the members' inventories; no I/O yet.
     Peering,
-    /// Serving I/O while copying objects (`copied` of `to_copy`); an op on
-    /// an object still to copy copies it first.
+    /// Serving I/O while copying objects (`copied` of `to_copy`); writes
+    /// to an object still to copy skip the members that lack it.
     Recovering { to_copy: u64, copied: u64 },
     /// Settled for `acting`; serving I/O.
     Active,
@@ -340,27 +342,16 @@ impl OsdService {
     async fn peer(&self, pg: PgId, acting: &[OsdId], map: &Arc<ClusterMap>) -> Result<(), String> {
         let started = Instant::now();
         self.set_phase(pg, acting, map, PgPhase::Peering);
+        // Every up OSD, not only the last intervals' members: during
+        // recovery a write is acknowledged by the members that hold its
+        // object (`Copy::write_around`), which a few quick map changes can
+        // move out of the recent acting sets, and a restarted primary
+        // remembers no earlier interval. An OSD that never held the PG
+        // answers with an empty listing (one RocksDB range scan).
         let mut sources: Vec<OsdId> = acting.to_vec();
-        let earlier = self
-            .settled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&pg)
-            .cloned()
-            .unwrap_or_default();
-        let previous_map = self
-            .previous_map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let previous = previous_map
-            .and_then(|m| Placer::new(&m).acting_set(pg).ok())
-            .map(|a| a.members)
-            .unwrap_or_default();
-        for osd in earlier.into_iter().chain(previous) {
-            let up = map.osds.get(&osd).is_some_and(|o| o.up);
-            if up && !sources.contains(&osd) {
-                sources.push(osd);
+        for (osd, state) in &map.osds {
+            if state.up && !sources.contains(osd) {
+                sources.push(*osd);
             }
         }
         let inventories = futures::future::join_all(
@@ -402,14 +393,10 @@ impl OsdService {
                     .map(|copy| (copy.object, copy.clone()))
                     .collect(),
             );
-        // From here the PG serves I/O; an op on an object still to copy
-        // copies it first (`recover_if_pending`). The copies themselves run
+        // From here the PG serves I/O; a write to an object still to copy
+        // goes around it or copies it first (`recover_if_pending`). The copies themselves run
         // in `copy_pg`, a few PGs at a time, after every PG has peered.
         if to_copy == 0 {
-            self.settled
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(pg, acting.to_vec());
             self.set_phase(pg, acting, map, PgPhase::Active);
         } else {
             self.set_phase(pg, acting, map, PgPhase::Recovering { to_copy, copied: 0 });
@@ -439,6 +426,10 @@ impl OsdService {
         let copied = &copied;
         let mut copies = futures::stream::iter(objects)
             .map(|object| async move {
+                // A newer map re-peered the PG: its own plan takes over.
+                if !self.is_active(pg, acting, map) {
+                    return Ok(());
+                }
                 let result = self.recover_object(pg, object, map, true).await;
                 if result.is_ok() {
                     let done = copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -466,10 +457,6 @@ impl OsdService {
         drop(copies);
         // Only if nothing re-peered the PG meanwhile.
         if self.is_active(pg, acting, map) {
-            self.settled
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(pg, acting.to_vec());
             self.set_phase(pg, acting, map, PgPhase::Active);
             tracing::info!(%pg, objects = to_copy, ms = started.elapsed().as_millis() as u64, "recovered");
         }
@@ -499,7 +486,9 @@ impl OsdService {
 
     /// Copies `object` of `pg` if it is still to copy; holds the object's
     /// ordering lock meanwhile, so a client write to it waits for the copy
-    /// (a write to a member without the object would leave it partial).
+    /// (or goes around it, see `write_around_pending`, once the copy is
+    /// done). A background copy (`throttled`) waits for its turn and pauses
+    /// for the bandwidth limit outside that lock.
     async fn recover_object(
         &self,
         pg: PgId,
@@ -508,73 +497,8 @@ impl OsdService {
         throttled: bool,
     ) -> Result<(), String> {
         let key = ObjectKey { pg, object };
-        let _order = self.order[self.stripe(&key)].lock().await;
-        let copy = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&pg)
-            .and_then(|objects| objects.get(&object))
-            .cloned();
-        let Some(copy) = copy else {
-            return Ok(());
-        };
-        self.copy_object(pg, &copy, map, throttled).await?;
-        if let Some(objects) = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&pg)
-        {
-            objects.remove(&object);
-        }
-        Ok(())
-    }
-
-    /// Before a client op on `key`: copies the object first if recovery has
-    /// not reached it yet and the op needs it (`writes`, or a read of an
-    /// object this primary lacks).
-    pub(super) async fn recover_if_pending(
-        &self,
-        key: &ObjectKey,
-        map: &ClusterMap,
-        writes: bool,
-    ) -> Result<(), String> {
-        let needed = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key.pg)
-            .and_then(|objects| objects.get(&key.object))
-            // A read needs the copy only when this primary lacks the newest
-            // version; a write always (every member must hold the object).
-            .is_some_and(|copy| writes || copy.targets.contains(&self.id));
-        if !needed {
-            return Ok(());
-        }
-        self.recover_object(key.pg, key.object, map, false).await
-    }
-
-    /// Copies one object from its source to its targets.
-    async fn copy_object(
-        &self,
-        pg: PgId,
-        copy: &crate::recovery::Copy,
-        map: &ClusterMap,
-        throttled: bool,
-    ) -> Result<(), String> {
-        let key = ObjectKey {
-            pg,
-            object: copy.object,
-        };
-        let clients_active = || {
-            self.last_client_op
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some_and(|at| at.elapsed() < CLIENT_ACTIVE_WINDOW)
-        };
         // Background copies take turns while clients are active.
-        let _turn = if throttled && clients_active() {
+        let _turn = if throttled && self.clients_active() {
             Some(
                 self.busy_copies
                     .acquire()
@@ -583,6 +507,129 @@ impl OsdService {
             )
         } else {
             None
+        };
+        let copied = {
+            let _order = self.order[self.stripe(&key)].lock().await;
+            let copy = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&pg)
+                .and_then(|objects| objects.get(&object))
+                .cloned();
+            let Some(copy) = copy else {
+                return Ok(());
+            };
+            let bytes = self.copy_object(pg, &copy, map).await?;
+            if let Some(objects) = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&pg)
+            {
+                objects.remove(&object);
+            }
+            bytes
+        };
+        // Copies a client op waits for are not held back.
+        if throttled {
+            let limit = if self.clients_active() {
+                self.recovery.recovery_bytes_per_sec_busy
+            } else {
+                self.recovery.recovery_bytes_per_sec_max
+            };
+            let pause = self
+                .throttle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .charge(copied.max(4096), limit);
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this OSD served a client op within `CLIENT_ACTIVE_WINDOW`.
+    fn clients_active(&self) -> bool {
+        self.last_client_op
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < CLIENT_ACTIVE_WINDOW)
+    }
+
+    /// Before a client op on `key`: copies the object first if recovery has
+    /// not reached it yet and the op cannot go around the copy: a read, or
+    /// a write, when this primary lacks the newest version, or a write that
+    /// would reach fewer than the pool's `min_size` members.
+    pub(super) async fn recover_if_pending(
+        &self,
+        key: &ObjectKey,
+        map: &ClusterMap,
+        acting: &[OsdId],
+        writes: bool,
+    ) -> Result<(), String> {
+        let min_size = map
+            .pools
+            .get(&key.pg.pool)
+            .map_or(1, |p| p.min_size as usize);
+        let needed = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key.pg)
+            .and_then(|objects| objects.get(&key.object))
+            .is_some_and(|copy| {
+                if writes {
+                    copy.write_around(self.id, acting, min_size).is_none()
+                } else {
+                    copy.targets.contains(&self.id)
+                }
+            });
+        if !needed {
+            return Ok(());
+        }
+        self.recover_object(key.pg, key.object, map, false).await
+    }
+
+    /// Under `key`'s ordering lock, for a client write at `version`: the
+    /// acting members the write skips because recovery has not copied the
+    /// object to them yet (the pending copy now brings them this version,
+    /// from this primary). Err if the write cannot go around the copy
+    /// (re-planned since `recover_if_pending` looked); the client retries.
+    pub(super) fn write_around_pending(
+        &self,
+        key: &ObjectKey,
+        version: u64,
+        acting: &[OsdId],
+        min_size: usize,
+    ) -> Result<Vec<OsdId>, String> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(copy) = pending
+            .get_mut(&key.pg)
+            .and_then(|objects| objects.get_mut(&key.object))
+        else {
+            return Ok(Vec::new());
+        };
+        let skipped = copy
+            .write_around(self.id, acting, min_size)
+            .ok_or_else(|| format!("{key} is being recovered"))?
+            .to_vec();
+        copy.written_around(self.id, version);
+        Ok(skipped)
+    }
+
+    /// Copies one object from its source to its targets; returns the bytes
+    /// moved.
+    async fn copy_object(
+        &self,
+        pg: PgId,
+        copy: &crate::recovery::Copy,
+        map: &ClusterMap,
+    ) -> Result<u64, String> {
+        let key = ObjectKey {
+            pg,
+            object: copy.object,
         };
         let contents = if copy.source == self.id {
             let (version, blocks) = self
@@ -622,22 +669,8 @@ impl OsdService {
                 self.call_peer(*target, map, Kind::ObjPush, payload.clone())
                     .await?;
             }
-            let limit = if clients_active() {
-                self.recovery.recovery_bytes_per_sec_busy
-            } else {
-                self.recovery.recovery_bytes_per_sec_max
-            };
-            let pause = self
-                .throttle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .charge(bytes.max(4096), limit);
-            // Copies a client op waits for are not held back.
-            if throttled && !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            }
         }
-        Ok(())
+        Ok(bytes * copy.targets.len() as u64)
     }
 
     /// Returns every PG this OSD is primary of at `map`, with its acting set.
@@ -658,6 +691,7 @@ impl OsdService {
         let mut maps = self.map.clone();
         let mut current = maps.borrow_and_update().clone();
         let mut last_scrub = Instant::now();
+        let mut copying: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             // Placement of this map, once per round.
             let led = self.led_pgs(&current);
@@ -682,30 +716,40 @@ impl OsdService {
                 _ = peering => {}
             }
             // Every PG still recovering (client ops may already have copied
-            // all it had pending: then this only marks it clean).
-            let recovering: Vec<(PgId, Vec<OsdId>)> = led
-                .iter()
-                .filter(|(pg, acting)| {
-                    self.pg_phase(*pg)
-                        .is_some_and(|p| matches!(p.phase, PgPhase::Recovering { .. }))
-                        && self.is_active(*pg, acting, &current)
-                })
-                .cloned()
-                .collect();
-            let copying = futures::stream::iter(recovering)
-                .map(|(pg, acting)| {
-                    let map = map.clone();
-                    async move {
-                        if let Err(e) = service.copy_pg(pg, &acting, &map).await {
-                            tracing::warn!(%pg, "recovery incomplete: {e}");
+            // all it had pending: then this only marks it clean), copied in
+            // a task of its own so that a map change meanwhile is peered at
+            // once; one such task at a time.
+            if copying.as_ref().is_none_or(|task| task.is_finished()) {
+                let recovering: Vec<(PgId, Vec<OsdId>)> = led
+                    .iter()
+                    .filter(|(pg, acting)| {
+                        self.pg_phase(*pg)
+                            .is_some_and(|p| matches!(p.phase, PgPhase::Recovering { .. }))
+                            && self.is_active(*pg, acting, &current)
+                    })
+                    .cloned()
+                    .collect();
+                if !recovering.is_empty() {
+                    let (service, map, shutdown) = (self.clone(), map.clone(), shutdown.clone());
+                    copying = Some(tokio::spawn(async move {
+                        let service = &service;
+                        let copies = futures::stream::iter(recovering)
+                            .map(|(pg, acting)| {
+                                let map = map.clone();
+                                async move {
+                                    if let Err(e) = service.copy_pg(pg, &acting, &map).await {
+                                        tracing::warn!(%pg, "recovery incomplete: {e}");
+                                    }
+                                }
+                            })
+                            .buffer_unordered(service.recovery.recovery_max_active.max(1))
+                            .collect::<Vec<()>>();
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = copies => {}
                         }
-                    }
-                })
-                .buffer_unordered(self.recovery.recovery_max_active.max(1))
-                .collect::<Vec<()>>();
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = copying => {}
+                    }));
+                }
             }
             let interval = self.recovery.scrub_interval_secs;
             if interval > 0 && last_scrub.elapsed() > Duration::from_secs(interval) {
@@ -742,11 +786,17 @@ impl OsdService {
                 }
                 _ = self.recovery_wakeup.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = async {
+                    match copying.as_mut() {
+                        Some(task) if !task.is_finished() => {
+                            let _ = task.await;
+                        }
+                        _ => std::future::pending::<()>().await,
+                    }
+                } => {}
             }
             let fresh = maps.borrow_and_update().clone();
             if fresh.epoch != current.epoch {
-                *self.previous_map.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(current.clone());
                 current = fresh;
             }
         }
