@@ -39,6 +39,21 @@ fn pg_state(map: &ClusterMap, placer: &Placer<'_>, pg: PgId) -> (String, Vec<Osd
     }
 }
 
+/// A PG serving while its primary copies objects to members that lack them:
+/// `active+clean` and `recovering 3/10` make `active+recovering+degraded
+/// 3/10` (Ceph's words: degraded while some copies are missing).
+fn copying_state(map_state: &str, phase: &str) -> String {
+    let (kind, progress) = phase.split_once(' ').unwrap_or((phase, ""));
+    let mut parts: Vec<&str> = map_state.split('+').filter(|p| *p != "clean").collect();
+    parts.push(kind);
+    if !parts.contains(&"degraded") {
+        parts.push("degraded");
+    }
+    format!("{} {progress}", parts.join("+"))
+        .trim_end()
+        .to_string()
+}
+
 pub fn osd_ls(mon: &str, as_json: bool) -> anyhow::Result<()> {
     let rt = crate::daemon::runtime()?;
     let client = rt.block_on(fetch(mon))?;
@@ -128,9 +143,8 @@ pub fn pg_ls(mon: &str, pool: &str, as_json: bool) -> anyhow::Result<()> {
                     Ok((count, phase)) => {
                         // The primary's peering phase refines the map's view:
                         // a PG is only active once its primary peered it.
-                        if phase.starts_with("recovering") {
-                            // Serving while it copies: active+recovering N/M.
-                            state = state.replacen("active", &format!("active+{phase}"), 1);
+                        if phase.starts_with("recovering") || phase.starts_with("backfilling") {
+                            state = copying_state(&state, &phase);
                         } else if phase != "active" && !phase.is_empty() {
                             state = state.replacen("active", &phase, 1);
                             if !state.contains(&phase) {
@@ -268,4 +282,21 @@ pub fn scrub(
             std::process::ExitCode::SUCCESS
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copying_pgs_read_as_degraded_with_their_progress() {
+        assert_eq!(
+            copying_state("active+clean", "backfilling 3/10"),
+            "active+backfilling+degraded 3/10"
+        );
+        assert_eq!(
+            copying_state("active+undersized+degraded", "recovering 0/4"),
+            "active+undersized+degraded+recovering 0/4"
+        );
+    }
 }

@@ -45,6 +45,13 @@ pub struct UpArgs {
     /// Seconds to wait for the cluster to be healthy.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Silence after which the monitors mark an OSD down, in milliseconds.
+    #[arg(long, default_value_t = 6_000)]
+    osd_down_after_ms: u64,
+    /// Silence after which the monitors mark a down OSD out (its data is
+    /// re-placed), in milliseconds.
+    #[arg(long, default_value_t = 600_000)]
+    osd_out_after_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +152,10 @@ fn plan(args: &UpArgs, dir: &Path) -> anyhow::Result<ClusterRecord> {
                 addr,
                 "--peers".into(),
                 peers.join(","),
+                "--osd-down-after-ms".into(),
+                args.osd_down_after_ms.to_string(),
+                "--osd-out-after-ms".into(),
+                args.osd_out_after_ms.to_string(),
             ],
         });
     }

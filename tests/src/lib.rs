@@ -292,6 +292,8 @@ pub struct DevCluster {
     pub nbd_port: u16,
     osd_size: String,
     nodes: u32,
+    /// More `dev up` arguments (e.g. `--osd-out-after-ms 8000`).
+    up_args: Vec<String>,
 }
 
 impl DevCluster {
@@ -303,7 +305,17 @@ impl DevCluster {
 
     /// Starts a cluster of `nodes` nodes (one OSD each).
     pub fn up_nodes(nodes: u32, osd_size: &str) -> anyhow::Result<DevCluster> {
+        DevCluster::up_nodes_with(nodes, osd_size, &[])
+    }
+
+    /// Starts a cluster of `nodes` nodes with more `dev up` arguments.
+    pub fn up_nodes_with(
+        nodes: u32,
+        osd_size: &str,
+        up_args: &[&str],
+    ) -> anyhow::Result<DevCluster> {
         let cluster = DevCluster {
+            up_args: up_args.iter().map(|a| a.to_string()).collect(),
             dir: tempfile::tempdir().context("temp dir")?,
             mon_port: free_port("127.0.1.1"),
             osd_port: free_port("127.0.1.1"),
@@ -325,25 +337,25 @@ impl DevCluster {
         );
         // The daemons inherit RUST_LOG from `dev up`: info, so their logs
         // show peering and recovery (tests grep them; benches count them).
-        let out = basalt_logging(
-            "info",
-            &[
-                "dev",
-                "up",
-                "--dir",
-                &dir,
-                "--nodes",
-                &self.nodes.to_string(),
-                "--osd-size",
-                &self.osd_size,
-                "--mon-port",
-                &mon,
-                "--osd-port",
-                &osd,
-                "--nbd-port",
-                &nbd,
-            ],
-        );
+        let nodes = self.nodes.to_string();
+        let mut args = vec![
+            "dev",
+            "up",
+            "--dir",
+            &dir,
+            "--nodes",
+            &nodes,
+            "--osd-size",
+            &self.osd_size,
+            "--mon-port",
+            &mon,
+            "--osd-port",
+            &osd,
+            "--nbd-port",
+            &nbd,
+        ];
+        args.extend(self.up_args.iter().map(String::as_str));
+        let out = basalt_logging("info", &args);
         if !out.status.success() {
             bail!(
                 "dev up failed: {}{}",

@@ -191,25 +191,89 @@ async fn restarted_osd_catches_up_before_it_serves() {
 /// deep scrub finds nothing, the stores (read offline after `dev down`) hold
 /// every object on the members of its PG's acting set with the same version
 /// and bytes, and the volume reads back exactly what was acknowledged.
+/// 4 nodes, size 3: 256 MiB of seeded data written at queue depth 16; an
+/// OSD SIGKILLed in the middle; writing continues after the map change;
+/// once the OSD is marked out every PG is active+clean, every acting member
+/// holds the same objects byte for byte (three copies), every acknowledged
+/// byte reads back and a deep scrub finds nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stand_ins_are_backfilled_to_identical_copies() {
-    let cluster = DevCluster::up_nodes(4, "1G").unwrap();
-    let size = 128 * MIB;
+    let cluster = DevCluster::up_nodes_with(
+        4,
+        "1G",
+        &["--osd-down-after-ms", "3000", "--osd-out-after-ms", "8000"],
+    )
+    .unwrap();
+    let size = 256 * MIB;
     let (client, volume) = open_volume(&cluster, size).await;
     let first = seeded(size, 3);
-    write_all(&volume, &first, 0, size).await;
-
-    // Kill an OSD while the second half is rewritten.
-    let second = seeded(size, 4);
     let writer = {
-        let (volume, second) = (volume.clone(), second.clone());
-        tokio::spawn(async move { write_all(&volume, &second, size / 2, size).await })
+        let (volume, first) = (volume.clone(), first.clone());
+        tokio::spawn(async move {
+            write_striped(
+                &volume,
+                &first,
+                (0, size),
+                (16, 256 * 1024),
+                Durability::Buffered,
+            )
+            .await
+        })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // What `pg ls` shows along the way.
+    let states = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (states, watching, mons) = (states.clone(), watching.clone(), cluster.mon_list());
+        std::thread::spawn(move || {
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = basalt(&["--mon", &mons, "pg", "ls", "--json"]);
+                let pgs: Vec<serde_json::Value> =
+                    serde_json::from_slice(&out.stdout).unwrap_or_default();
+                let mut states = states.lock().unwrap();
+                for pg in pgs {
+                    states.insert(pg["state"].as_str().unwrap_or_default().to_string());
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !writer.is_finished(),
+        "the OSD must die in the middle of the writes"
+    );
     cluster.kill("osd-node2-0");
     writer.await.unwrap();
     wait_for_map(&client, "the OSD marked down", |m| down_count(m) == 1).await;
+
+    // Writing continues after the map change: the second half again.
+    let second = seeded(size, 4);
+    write_striped(
+        &volume,
+        &second,
+        (size / 2, size),
+        (16, 256 * 1024),
+        Durability::Buffered,
+    )
+    .await;
+    wait_for_map(&client, "the OSD marked out", |m| {
+        m.osds.values().any(|o| !o.in_)
+    })
+    .await;
     wait_for_pgs(&cluster.mon_list(), "active+clean");
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    watcher.join().unwrap();
+    let states = states.lock().unwrap().clone();
+    assert!(
+        states.iter().any(|s| {
+            s.strip_prefix("active+backfilling+degraded ")
+                .and_then(|progress| progress.split_once('/'))
+                .is_some_and(|(done, all)| {
+                    done.parse::<u64>().is_ok() && all.parse::<u64>().is_ok()
+                })
+        }),
+        "pg ls never showed a stand-in being backfilled with progress: {states:?}"
+    );
 
     let mut expected = first[..(size / 2) as usize].to_vec();
     expected.extend_from_slice(&second[(size / 2) as usize..]);

@@ -374,7 +374,8 @@ impl OsdService {
     }
 
     /// Answers `PgStat`: object count (u64), then the peering phase as
-    /// text (`active`, `peering`, `recovering N/M`, `incomplete: why`).
+    /// text (`active`, `peering`, `recovering N/M`, `backfilling N/M`,
+    /// `incomplete: why`).
     fn pg_stat(&self, frame: &Frame, pg: PgId, acting: &[OsdId], map: &ClusterMap) -> Frame {
         let epoch = map.epoch.0;
         let objects = match self.store.list_pg(pg) {
@@ -383,9 +384,18 @@ impl OsdService {
         };
         let phase = if self.is_active(pg, acting, map) {
             match self.pg_phase(pg).map(|p| p.phase) {
-                Some(PgPhase::Recovering { to_copy, copied }) => {
-                    format!("recovering {copied}/{to_copy}")
-                }
+                Some(PgPhase::Recovering {
+                    to_copy,
+                    copied,
+                    backfill,
+                }) => format!(
+                    "{} {copied}/{to_copy}",
+                    if backfill {
+                        "backfilling"
+                    } else {
+                        "recovering"
+                    }
+                ),
                 _ => "active".to_string(),
             }
         } else {

@@ -77,6 +77,10 @@ pub struct RecoveryPlan {
     pub max_version: u64,
     /// Objects each acting member lacks or holds stale, for progress.
     pub missing_by_member: BTreeMap<OsdId, u64>,
+    /// Some acting member holds nothing of a PG that has objects: a new
+    /// member (a stand-in, or data moving) is backfilled; otherwise members
+    /// that missed writes are recovered.
+    pub backfill: bool,
 }
 
 impl RecoveryPlan {
@@ -103,6 +107,10 @@ impl RecoveryPlan {
         for osd in acting {
             plan.missing_by_member.insert(*osd, 0);
         }
+        plan.backfill = !newest.is_empty()
+            && acting
+                .iter()
+                .any(|osd| find(*osd).is_some_and(|i| i.objects.is_empty()));
         for (object, version) in newest {
             let holds = |osd: OsdId| {
                 find(osd).and_then(|i| i.objects.get(&object)).copied() == Some(version)
@@ -192,6 +200,7 @@ mod tests {
         );
         assert_eq!(plan.missing_by_member[&OsdId(0)], 2);
         assert_eq!(plan.missing_by_member[&OsdId(1)], 0);
+        assert!(!plan.backfill, "osd.0 missed writes: recovery");
     }
 
     #[test]
@@ -212,6 +221,7 @@ mod tests {
                 .all(|c| c.source == OsdId(1) && c.targets == vec![OsdId(7)])
         );
         assert_eq!(plan.copies.len(), 2);
+        assert!(plan.backfill, "osd.7 holds nothing: backfill");
     }
 
     #[test]

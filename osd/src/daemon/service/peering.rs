@@ -82,7 +82,12 @@ pub enum PgPhase {
     Peering,
     /// Serving I/O while copying objects (`copied` of `to_copy`); writes
     /// to an object still to copy skip the members that lack it.
-    Recovering { to_copy: u64, copied: u64 },
+    /// `backfill`: a member holds nothing of the PG (see `RecoveryPlan`).
+    Recovering {
+        to_copy: u64,
+        copied: u64,
+        backfill: bool,
+    },
     /// Settled for `acting`; serving I/O.
     Active,
     /// Peering failed (a member did not answer, a copy failed); retried on
@@ -399,7 +404,16 @@ impl OsdService {
         if to_copy == 0 {
             self.set_phase(pg, acting, map, PgPhase::Active);
         } else {
-            self.set_phase(pg, acting, map, PgPhase::Recovering { to_copy, copied: 0 });
+            self.set_phase(
+                pg,
+                acting,
+                map,
+                PgPhase::Recovering {
+                    to_copy,
+                    copied: 0,
+                    backfill: plan.backfill,
+                },
+            );
         }
         tracing::debug!(%pg, ms = started.elapsed().as_millis() as u64, "peered");
         Ok(())
@@ -422,6 +436,9 @@ impl OsdService {
             .map(|objects| objects.keys().copied().collect())
             .unwrap_or_default();
         let to_copy = objects.len() as u64;
+        let backfill = self
+            .pg_phase(pg)
+            .is_some_and(|p| matches!(p.phase, PgPhase::Recovering { backfill: true, .. }));
         let copied = std::sync::atomic::AtomicU64::new(0);
         let copied = &copied;
         let mut copies = futures::stream::iter(objects)
@@ -441,6 +458,7 @@ impl OsdService {
                             PgPhase::Recovering {
                                 to_copy,
                                 copied: done,
+                                backfill,
                             },
                         );
                     }
