@@ -186,16 +186,14 @@ async fn restarted_osd_catches_up_before_it_serves() {
     assert_scrub_clean(&cluster.mon_list());
 }
 
-/// 4 nodes, size 3: an OSD is SIGKILLed while writes continue; its PGs get
-/// stand-ins, which recovery backfills. Once every PG is active+clean, a
-/// deep scrub finds nothing, the stores (read offline after `dev down`) hold
-/// every object on the members of its PG's acting set with the same version
-/// and bytes, and the volume reads back exactly what was acknowledged.
 /// 4 nodes, size 3: 256 MiB of seeded data written at queue depth 16; an
 /// OSD SIGKILLed in the middle; writing continues after the map change;
-/// once the OSD is marked out every PG is active+clean, every acting member
-/// holds the same objects byte for byte (three copies), every acknowledged
-/// byte reads back and a deep scrub finds nothing.
+/// `pg ls` shows the stand-ins backfilling with progress; once the OSD is
+/// marked out every PG is active+clean with three copies, every
+/// acknowledged byte reads back and a deep scrub finds nothing. Then the
+/// OSD returns: it takes its PGs back, the stand-ins drop their copies, and
+/// the stores (read offline after `dev down`) hold every object exactly on
+/// the members of its PG's acting set, with the same version and bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stand_ins_are_backfilled_to_identical_copies() {
     let cluster = DevCluster::up_nodes_with(
@@ -279,6 +277,25 @@ async fn stand_ins_are_backfilled_to_identical_copies() {
     expected.extend_from_slice(&second[(size / 2) as usize..]);
     let back = volume.read(0, size).await.unwrap();
     assert!(back[..] == expected[..], "acknowledged data lost");
+    let map = client.refresh_map().await.unwrap();
+    let placer = Placer::new(&map);
+    for seed in 0..map.pools[&basalt_placement::PoolId(0)].pg_count {
+        let pg = basalt_placement::PgId::new(basalt_placement::PoolId(0), seed);
+        let acting = placer.acting_set(pg).unwrap().members;
+        assert_eq!(acting.len(), 3, "{pg} is not back to three copies");
+    }
+    assert_scrub_clean(&cluster.mon_list());
+
+    // The OSD comes back: it gets its PGs back (catching up on what it
+    // missed) and the stand-ins drop their copies.
+    cluster.up_again().unwrap();
+    wait_for_map(&client, "the OSD up and in", |m| {
+        m.osds.values().all(|o| o.up && o.in_)
+    })
+    .await;
+    wait_for_pgs(&cluster.mon_list(), "active+clean");
+    let back = volume.read(0, size).await.unwrap();
+    assert!(back[..] == expected[..], "acknowledged data lost");
     let map: ClusterMap = client.refresh_map().await.unwrap().as_ref().clone();
     drop(volume);
     drop(client);
@@ -311,6 +328,19 @@ async fn stand_ins_are_backfilled_to_identical_copies() {
         store.close().await;
     }
     let placer = Placer::new(&map);
+    // No OSD keeps objects of a PG it is not a member of (strays removed).
+    for (osd, objects) in &stores {
+        for (pg, index) in objects.keys() {
+            let pg_id = (0..map.pools[&basalt_placement::PoolId(0)].pg_count)
+                .map(|seed| basalt_placement::PgId::new(basalt_placement::PoolId(0), seed))
+                .find(|p| p.to_string() == *pg)
+                .unwrap();
+            assert!(
+                placer.acting_set(pg_id).unwrap().members.contains(osd),
+                "{osd} keeps a stray copy of object {index} of {pg}"
+            );
+        }
+    }
     let mut checked = 0;
     for seed in 0..map.pools[&basalt_placement::PoolId(0)].pg_count {
         let pg = basalt_placement::PgId::new(basalt_placement::PoolId(0), seed);

@@ -109,6 +109,15 @@ pub enum Kind {
     /// Client -> OSD: make every change this OSD acknowledged so far durable
     /// (its `OP_BUFFERED` writes included). The payload is ignored.
     Flush = 16,
+    /// Primary -> former member: the op header's PG is clean on its acting
+    /// set at the frame's epoch; remove every object of it this OSD holds,
+    /// unless this OSD is a member at that epoch or has a newer map. Reply
+    /// payload: objects removed, u64.
+    PgRemove = 17,
+    /// Former member -> primary: this OSD (id: u32 payload after the op
+    /// header) holds objects of the op header's PG without being a member;
+    /// the primary removes them (`PgRemove`) once the PG is clean.
+    PgNotify = 18,
 }
 
 impl Kind {
@@ -130,6 +139,8 @@ impl Kind {
             14 => Kind::PgScrub,
             15 => Kind::PgDigest,
             16 => Kind::Flush,
+            17 => Kind::PgRemove,
+            18 => Kind::PgNotify,
             _ => return None,
         })
     }

@@ -69,6 +69,9 @@ pub struct OsdService {
     recovery_wakeup: tokio::sync::Notify,
     /// Objects each recovering PG still has to copy.
     pending: Mutex<HashMap<PgId, PendingCopies>>,
+    /// Up OSDs outside the acting set that reported objects of a PG at its
+    /// last peering: told to remove them once the PG is clean.
+    strays: Mutex<HashMap<PgId, Vec<OsdId>>>,
 }
 
 fn reply(request: &Frame, status: Status, epoch: u64, payload: Bytes) -> Frame {
@@ -121,6 +124,7 @@ impl OsdService {
             busy_copies: tokio::sync::Semaphore::new(1),
             recovery_wakeup: tokio::sync::Notify::new(),
             pending: Mutex::new(HashMap::new()),
+            strays: Mutex::new(HashMap::new()),
         }
     }
 
@@ -185,7 +189,10 @@ impl OsdService {
         };
         let map = self.map_at_least(frame.epoch).await;
         let epoch = map.epoch.0;
-        if matches!(frame.kind, Kind::PgList | Kind::ObjPull | Kind::ObjPush) {
+        if matches!(
+            frame.kind,
+            Kind::PgList | Kind::ObjPull | Kind::ObjPush | Kind::PgRemove | Kind::PgNotify
+        ) {
             return self.handle_peering(&frame, &header, data, &map).await;
         }
         if frame.kind == Kind::PgDigest {

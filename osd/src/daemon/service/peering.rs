@@ -22,8 +22,12 @@
 //! `CLIENT_ACTIVE_WINDOW`, background copies run one at a time and at
 //! `recovery_bytes_per_sec_busy` (the idea of Ceph's recovery sleep and
 //! mClock's client reservation: a busy disk goes to clients first). A copy a
-//! client op waits for is never held back. Not yet: copies left on OSDs that
-//! are no longer members are not removed.
+//! client op waits for is never held back. Once a PG's copies are done, the
+//! up OSDs outside the acting set that reported objects of it at peering
+//! (strays: a stand-in after the OSD it replaced returned, a former member)
+//! are told to remove them (`PgRemove`), and only then is the PG clean. A
+//! stray that came back after its PG peered announces itself at every new
+//! map (`PgNotify`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,7 +39,7 @@ use basalt_wire::{Frame, Kind, OpHeader, Status};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::{OsdService, message, reply};
+use super::{OsdService, message, reply, store_status};
 use crate::recovery::{Inventory, RecoveryPlan, next_version_after};
 use crate::store::ObjectKey;
 
@@ -214,6 +218,8 @@ impl OsdService {
                 Ok(objects) => reply(frame, Status::Ok, epoch, encode_inventory(&objects)),
                 Err(e) => reply(frame, Status::Io, epoch, message(e.to_string())),
             },
+            Kind::PgRemove => self.remove_stray_pg(frame, key.pg, map).await,
+            Kind::PgNotify => self.stray_notified(frame, key.pg, data, map).await,
             Kind::ObjPull => match self.store.object_contents(&key).await {
                 Ok(Some((version, blocks))) => reply(
                     frame,
@@ -266,6 +272,181 @@ impl OsdService {
                 }
             }
         }
+    }
+
+    /// Answers `PgRemove`: drops this OSD's leftover copy of `pg`, which
+    /// its primary found clean without it at the frame's epoch. Refused if
+    /// this OSD is a member at that epoch, or already has a newer map (the
+    /// primary peers again there and asks again if still right).
+    async fn remove_stray_pg(&self, frame: &Frame, pg: PgId, map: &ClusterMap) -> Frame {
+        let epoch = map.epoch.0;
+        if epoch != frame.epoch {
+            return reply(
+                frame,
+                Status::StaleEpoch,
+                epoch,
+                message(format!(
+                    "removal of {pg} decided at epoch {} but {} is at {epoch}",
+                    frame.epoch, self.id
+                )),
+            );
+        }
+        let member = Placer::new(map)
+            .acting_set(pg)
+            .is_ok_and(|acting| acting.members.contains(&self.id));
+        if member {
+            return reply(
+                frame,
+                Status::Invalid,
+                epoch,
+                message(format!("{} is a member of {pg}", self.id)),
+            );
+        }
+        let objects = match self.store.list_pg(pg) {
+            Ok(objects) => objects,
+            Err(e) => return reply(frame, Status::Io, epoch, message(e.to_string())),
+        };
+        for (key, _) in &objects {
+            if let Err(e) = self.store.delete(key).await {
+                tracing::warn!("removing stray {key} failed: {e}");
+                return reply(frame, store_status(&e), epoch, message(e.to_string()));
+            }
+        }
+        if !objects.is_empty() {
+            tracing::info!(%pg, objects = objects.len(), "removed a stray copy");
+        }
+        reply(
+            frame,
+            Status::Ok,
+            epoch,
+            Bytes::copy_from_slice(&(objects.len() as u64).to_le_bytes()),
+        )
+    }
+
+    /// Answers `PgNotify` as `pg`'s primary: an OSD outside the acting set
+    /// holds objects of it (it was a member before it went down, and this
+    /// PG did not peer since it came back). Removed at once if the PG is
+    /// clean, else once its recovery finishes.
+    async fn stray_notified(
+        &self,
+        frame: &Frame,
+        pg: PgId,
+        data: Bytes,
+        map: &ClusterMap,
+    ) -> Frame {
+        let epoch = map.epoch.0;
+        let Ok(from) = <[u8; 4]>::try_from(&data[..]).map(|b| OsdId(u32::from_le_bytes(b))) else {
+            return reply(
+                frame,
+                Status::Invalid,
+                epoch,
+                message("a PG notify carries the sender's id, 4 bytes"),
+            );
+        };
+        let acting = match Placer::new(map).acting_set(pg) {
+            Ok(acting) if acting.primary() == Some(self.id) => acting.members,
+            _ => {
+                return reply(
+                    frame,
+                    Status::StaleEpoch,
+                    epoch,
+                    message(format!("{} is not the primary of {pg}", self.id)),
+                );
+            }
+        };
+        if acting.contains(&from) || !map.osds.contains_key(&from) {
+            return reply(frame, Status::Ok, epoch, Bytes::new());
+        }
+        {
+            let mut strays = self.strays.lock().unwrap_or_else(|e| e.into_inner());
+            let strays = strays.entry(pg).or_default();
+            if !strays.contains(&from) {
+                strays.push(from);
+            }
+        }
+        let clean = self
+            .pg_phase(pg)
+            .is_some_and(|p| p.phase == PgPhase::Active && p.acting == acting);
+        if clean {
+            self.remove_strays(pg, &acting).await;
+        }
+        reply(frame, Status::Ok, epoch, Bytes::new())
+    }
+
+    /// As a former member: tells the primary of every PG this OSD holds
+    /// objects of without being a member at `map` (see `PgNotify`).
+    async fn notify_strays(&self, map: &ClusterMap) {
+        let placer = Placer::new(map);
+        for pg in pgs_of(map) {
+            let Ok(acting) = placer.acting_set(pg) else {
+                continue;
+            };
+            let Some(primary) = acting.primary() else {
+                continue;
+            };
+            if acting.members.contains(&self.id) {
+                continue;
+            }
+            if !self
+                .store
+                .list_pg(pg)
+                .is_ok_and(|objects| !objects.is_empty())
+            {
+                continue;
+            }
+            let payload = OpHeader::for_pg(pg, 0).encode_with(&self.id.0.to_le_bytes());
+            if let Err(e) = self.call_peer(primary, map, Kind::PgNotify, payload).await {
+                tracing::debug!(%pg, "could not tell {primary} about a stray copy: {e}");
+            }
+        }
+    }
+
+    /// Once `pg` is clean on `acting`: tells the OSDs that reported
+    /// leftover objects of it at peering to remove them, at this OSD's
+    /// newest map (where the PG must still be settled on `acting`). Returns
+    /// whether none is left; one that failed is asked again on the next
+    /// round, one that is down now keeps its copy until the PG peers again.
+    async fn remove_strays(&self, pg: PgId, acting: &[OsdId]) -> bool {
+        let map = self.map.borrow().clone();
+        let settled = Placer::new(&map)
+            .acting_set(pg)
+            .is_ok_and(|now| now.members == acting);
+        if !settled || !self.is_active(pg, acting, &map) {
+            return false;
+        }
+        let strays = self
+            .strays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pg)
+            .unwrap_or_default();
+        let mut left = Vec::new();
+        for osd in strays {
+            if !map.osds.get(&osd).is_some_and(|o| o.up) {
+                continue;
+            }
+            let header = OpHeader::for_pg(pg, 0);
+            match self
+                .call_peer(osd, &map, Kind::PgRemove, header.encode_with(&[]))
+                .await
+            {
+                Ok(_) => tracing::debug!(%pg, "{osd} removed its stray copy"),
+                Err(e) => {
+                    tracing::info!(%pg, "{osd} kept its stray copy for now: {e}");
+                    left.push(osd);
+                }
+            }
+        }
+        if left.is_empty() {
+            return true;
+        }
+        self.strays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(pg)
+            .or_default()
+            .extend(left);
+        false
     }
 
     /// Returns the phase of `pg` on this primary, if it has peered it.
@@ -377,6 +558,15 @@ impl OsdService {
         }
         let plan = RecoveryPlan::new(acting, &reported)
             .ok_or_else(|| "an acting member is missing from the inventories".to_string())?;
+        let strays: Vec<OsdId> = reported
+            .iter()
+            .filter(|i| !acting.contains(&i.osd) && !i.objects.is_empty())
+            .map(|i| i.osd)
+            .collect();
+        self.strays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pg, strays);
         let to_copy = plan.copies.len() as u64;
         if to_copy > 0 {
             tracing::info!(%pg, objects = to_copy, members = ?plan.missing_by_member, "recovering");
@@ -399,9 +589,16 @@ impl OsdService {
                     .collect(),
             );
         // From here the PG serves I/O; a write to an object still to copy
-        // goes around it or copies it first (`recover_if_pending`). The copies themselves run
-        // in `copy_pg`, a few PGs at a time, after every PG has peered.
-        if to_copy == 0 {
+        // goes around it or copies it first (`recover_if_pending`). The
+        // copies, then the removal of stray copies, run in `copy_pg`, a few
+        // PGs at a time, after every PG has peered.
+        let strays_left = self
+            .strays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pg)
+            .is_some_and(|strays| !strays.is_empty());
+        if to_copy == 0 && !strays_left {
             self.set_phase(pg, acting, map, PgPhase::Active);
         } else {
             self.set_phase(
@@ -475,6 +672,11 @@ impl OsdService {
         drop(copies);
         // Only if nothing re-peered the PG meanwhile.
         if self.is_active(pg, acting, map) {
+            // Clean only once no leftover copy elsewhere can confuse a later
+            // peering or hold space; else the next round tries again.
+            if !self.remove_strays(pg, acting).await {
+                return Ok(());
+            }
             self.set_phase(pg, acting, map, PgPhase::Active);
             tracing::info!(%pg, objects = to_copy, ms = started.elapsed().as_millis() as u64, "recovered");
         }
@@ -710,6 +912,8 @@ impl OsdService {
         let mut current = maps.borrow_and_update().clone();
         let mut last_scrub = Instant::now();
         let mut copying: Option<tokio::task::JoinHandle<()>> = None;
+        // The epoch at which this OSD last told primaries about its strays.
+        let mut notified_at = None;
         loop {
             // Placement of this map, once per round.
             let led = self.led_pgs(&current);
@@ -732,6 +936,13 @@ impl OsdService {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = peering => {}
+            }
+            if notified_at != Some(current.epoch) {
+                notified_at = Some(current.epoch);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.notify_strays(&current) => {}
+                }
             }
             // Every PG still recovering (client ops may already have copied
             // all it had pending: then this only marks it clean), copied in
