@@ -237,7 +237,16 @@ fn apply_to(map: &mut ClusterMap, command: &Command) -> CommandResult {
                     .ok_or_else(|| CommandError::NotFound(format!("{id}")))?;
                 match command {
                     Command::MarkDown { .. } => osd.up = false,
-                    Command::MarkUp { .. } => osd.up = true,
+                    // A down OSD marked up again starts a new incarnation,
+                    // as a boot does: it may have missed writes while down,
+                    // and primaries compare boot counts to know they must
+                    // peer again.
+                    Command::MarkUp { .. } => {
+                        if !osd.up {
+                            osd.boots += 1;
+                        }
+                        osd.up = true;
+                    }
                     _ => osd.in_ = false,
                 }
             }

@@ -44,9 +44,11 @@ pub struct Osd {
     pub in_: bool,
     /// Data-plane address, `ip:port`, once the OSD has booted.
     pub addr: Option<String>,
-    /// How many times the OSD has booted. Every boot is a new epoch, so a
-    /// daemon that restarted within its heartbeat grace still starts a new
-    /// interval (replication from its previous incarnation is refused).
+    /// How many times the OSD has booted, or been marked up again after
+    /// being down. Every boot is a new epoch, so a daemon that restarted
+    /// within its heartbeat grace still starts a new interval (replication
+    /// from its previous incarnation is refused), and a primary that was
+    /// marked down and up again peers afresh.
     #[serde(default)]
     pub boots: u64,
 }

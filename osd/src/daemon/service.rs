@@ -338,6 +338,16 @@ impl OsdService {
                     );
                 }
                 let _order = self.order[self.stripe(&key)].lock().await;
+                // The PG may have peered again (a newer interval, another
+                // plan) while this op waited for the object's lock.
+                if !self.is_active(key.pg, &acting.members, &map) {
+                    return reply(
+                        &frame,
+                        Status::Busy,
+                        epoch,
+                        message(format!("{} peered again; retry", key.pg)),
+                    );
+                }
                 let mut header = header;
                 header.version = self.next_version(key.pg);
                 // Members recovery has not brought this object to yet are

@@ -185,6 +185,7 @@ async fn reap(ring: Arc<Mutex<Ring>>, event: AsyncFd<OwnedFd>) {
 /// waiting). Safe from any thread while the ring lives: the kernel
 /// serialises submissions and takes only entries published under the lock.
 fn submit(ring_fd: RawFd) {
+    let mut again = 0;
     loop {
         // SAFETY: io_uring_enter on our ring's descriptor, no arguments to
         // read or write: to_submit is a bound (the kernel submits what the
@@ -205,7 +206,14 @@ fn submit(ring_fd: RawFd) {
         }
         match io::Error::last_os_error().raw_os_error() {
             Some(libc::EINTR) => continue,
-            // The completion queue is full: the reaper drains it and
+            // Out of kernel request memory for now: nothing else may come to
+            // submit these entries again, so retry a little here.
+            Some(libc::EAGAIN) if again < 100 => {
+                again += 1;
+                std::thread::yield_now();
+            }
+            // The completion queue is full (cannot happen with in-flight
+            // requests capped at the queue size): the reaper drains it and
             // submits again.
             Some(libc::EBUSY) | Some(libc::EAGAIN) => return,
             _ => {

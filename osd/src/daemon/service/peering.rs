@@ -357,18 +357,22 @@ impl OsdService {
         if acting.contains(&from) || !map.osds.contains_key(&from) {
             return reply(frame, Status::Ok, epoch, Bytes::new());
         }
-        {
-            let mut strays = self.strays.lock().unwrap_or_else(|e| e.into_inner());
-            let strays = strays.entry(pg).or_default();
-            if !strays.contains(&from) {
-                strays.push(from);
-            }
-        }
-        let clean = self
-            .pg_phase(pg)
-            .is_some_and(|p| p.phase == PgPhase::Active && p.acting == acting);
-        if clean {
-            self.remove_strays(pg, &acting).await;
+        let known = self
+            .strays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pg)
+            .is_some_and(|strays| strays.contains(&from));
+        if !known {
+            // Its copy was never planned with: it may hold writes the last
+            // peering could not see (it was down or slow). Peer again, which
+            // inventories it and then removes it once clean.
+            tracing::info!(%pg, "{from} holds a copy outside the acting set; peering again");
+            self.pgs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&pg);
+            self.recovery_wakeup.notify_one();
         }
         reply(frame, Status::Ok, epoch, Bytes::new())
     }
@@ -665,7 +669,9 @@ impl OsdService {
             .buffer_unordered(self.recovery.recovery_copies_in_flight.max(1));
         while let Some(result) = copies.next().await {
             if let Err(reason) = result {
-                self.set_phase(pg, acting, map, PgPhase::Incomplete(reason.clone()));
+                if self.is_active(pg, acting, map) {
+                    self.set_phase(pg, acting, map, PgPhase::Incomplete(reason.clone()));
+                }
                 return Err(reason);
             }
         }
@@ -747,7 +753,13 @@ impl OsdService {
                 .unwrap_or_else(|e| e.into_inner())
                 .get_mut(&pg)
             {
-                objects.remove(&object);
+                // Only the entry this copy made: a newer peering may have
+                // planned this object again (other targets) meanwhile; its
+                // entry stays for its own copy. Writes cannot change an entry
+                // while we hold the object's lock.
+                if objects.get(&object) == Some(&copy) {
+                    objects.remove(&object);
+                }
             }
             bytes
         };
@@ -917,6 +929,25 @@ impl OsdService {
         loop {
             // Placement of this map, once per round.
             let led = self.led_pgs(&current);
+            // Forget what this OSD settled for PGs it no longer leads: if it
+            // leads one again later, another primary may have taken writes
+            // meanwhile, so it must peer afresh.
+            {
+                let led_now: std::collections::HashSet<PgId> =
+                    led.iter().map(|(pg, _)| *pg).collect();
+                self.pgs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|pg, _| led_now.contains(pg));
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|pg, _| led_now.contains(pg));
+                self.strays
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|pg, _| led_now.contains(pg));
+            }
             let mine: Vec<(PgId, Vec<OsdId>)> = led
                 .iter()
                 .filter(|(pg, acting)| !self.is_active(*pg, acting, &current))
