@@ -89,6 +89,11 @@ fn message(text: impl Into<String>) -> Bytes {
     Bytes::from(text.into())
 }
 
+/// The fewest copies `pg`'s pool accepts writes with.
+fn pool_min_size(map: &ClusterMap, pg: PgId) -> usize {
+    map.pools.get(&pg.pool).map_or(1, |p| p.min_size as usize)
+}
+
 fn store_status(error: &StoreError) -> Status {
     match error {
         StoreError::InvalidAlignment { .. } | StoreError::InvalidRange { .. } => Status::Invalid,
@@ -321,10 +326,7 @@ impl OsdService {
                 Err(e) => reply(&frame, store_status(&e), epoch, message(e.to_string())),
             },
             Kind::Write | Kind::WriteZeroes | Kind::Discard => {
-                let pool_min = map
-                    .pools
-                    .get(&key.pg.pool)
-                    .map_or(1, |p| p.min_size as usize);
+                let pool_min = pool_min_size(&map, key.pg);
                 if acting.members.len() < pool_min {
                     return reply(
                         &frame,

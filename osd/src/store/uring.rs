@@ -123,9 +123,6 @@ impl UringDevice {
         let request = Request { kind, buf, done };
         {
             let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-            if ring.closing {
-                return (request.buf, Err(io::Error::other("device is closing")));
-            }
             ring.backlog.push_back(request);
             ring.push_backlog();
         }
@@ -143,7 +140,6 @@ impl Drop for UringDevice {
     fn drop(&mut self) {
         // The reaper holds the ring until it goes; in-flight requests keep
         // their buffers until the ring's own drop has waited for them.
-        self.ring.lock().unwrap_or_else(|e| e.into_inner()).closing = true;
         self.reaper.abort();
     }
 }
@@ -287,7 +283,6 @@ struct Ring {
     slots: Vec<Option<Request>>,
     free_slots: Vec<usize>,
     backlog: VecDeque<Request>,
-    closing: bool,
 }
 
 impl Ring {
@@ -308,7 +303,6 @@ impl Ring {
             slots: (0..depth).map(|_| None).collect(),
             free_slots: (0..depth).rev().collect(),
             backlog: VecDeque::new(),
-            closing: false,
         })
     }
 

@@ -567,6 +567,7 @@ impl OsdService {
             .filter(|i| !acting.contains(&i.osd) && !i.objects.is_empty())
             .map(|i| i.osd)
             .collect();
+        let has_strays = !strays.is_empty();
         self.strays
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -596,13 +597,7 @@ impl OsdService {
         // goes around it or copies it first (`recover_if_pending`). The
         // copies, then the removal of stray copies, run in `copy_pg`, a few
         // PGs at a time, after every PG has peered.
-        let strays_left = self
-            .strays
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&pg)
-            .is_some_and(|strays| !strays.is_empty());
-        if to_copy == 0 && !strays_left {
+        if to_copy == 0 && !has_strays {
             self.set_phase(pg, acting, map, PgPhase::Active);
         } else {
             self.set_phase(
@@ -801,10 +796,7 @@ impl OsdService {
         acting: &[OsdId],
         writes: bool,
     ) -> Result<(), String> {
-        let min_size = map
-            .pools
-            .get(&key.pg.pool)
-            .map_or(1, |p| p.min_size as usize);
+        let min_size = super::pool_min_size(map, key.pg);
         let needed = self
             .pending
             .lock()
