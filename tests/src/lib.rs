@@ -469,6 +469,24 @@ pub async fn create_volume_sized(
     .map(|_| ())
 }
 
+/// Creates volume `name` of `size_bytes` in pool `rbd` on the cluster at
+/// `mons` and opens it through a new block client.
+pub async fn open_new_volume(
+    mons: &[String],
+    name: &str,
+    size_bytes: u64,
+) -> anyhow::Result<(
+    std::sync::Arc<basalt_client::BlockClient>,
+    basalt_client::Volume,
+)> {
+    use basalt_client::{BlockClient, ClientConfig};
+    use basalt_monitor::MonClient;
+    create_volume_sized(&MonClient::new(mons)?, name, size_bytes).await?;
+    let client = BlockClient::connect(MonClient::new(mons)?, ClientConfig::default()).await?;
+    let volume = client.open("rbd", name).await?;
+    Ok((client, volume))
+}
+
 /// Writes `data[start..end]` to `volume` at queue depth `depth`: writer `w`
 /// takes chunks `w, w + depth, ...` of `chunk` bytes. Panics if any write is
 /// not acknowledged.

@@ -7,10 +7,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use basalt_client::{BlockClient, ClientConfig, Connection, Durability};
-use basalt_monitor::MonClient;
+use basalt_client::{Connection, Durability};
 use basalt_placement::{ObjectId, OsdId, Placer, PoolId, VolumeId};
-use basalt_tests::{DevCluster, create_volume_sized};
+use basalt_tests::{DevCluster, open_new_volume};
 use basalt_wire::op::OpHeader;
 use basalt_wire::{Frame, Kind, Status};
 use bytes::Bytes;
@@ -47,14 +46,9 @@ async fn expect(connection: &Connection, what: &str, request: Frame, want: Statu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_clear_errors_and_the_osd_keeps_serving() {
     let cluster = DevCluster::up("1G").unwrap();
-    let mons = cluster.mons();
-    create_volume_sized(&MonClient::new(&mons).unwrap(), "v", 16 * MIB)
+    let (client, volume) = open_new_volume(&cluster.mons(), "v", 16 * MIB)
         .await
         .unwrap();
-    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
-        .await
-        .unwrap();
-    let volume = client.open("rbd", "v").await.unwrap();
     let mut data = vec![0u8; 4 * MIB as usize];
     rand_chacha::ChaCha8Rng::seed_from_u64(5).fill_bytes(&mut data);
     volume.write(0, &data, Durability::Durable).await.unwrap();

@@ -15,7 +15,7 @@ use basalt_client::{BlockClient, ClientConfig, Durability, Volume};
 use basalt_monitor::MonClient;
 use basalt_osd::store::{ObjectStore, StoreConfig};
 use basalt_placement::{ClusterMap, OsdId, Placer};
-use basalt_tests::{DevCluster, basalt, create_volume_sized, write_striped};
+use basalt_tests::{DevCluster, basalt, open_new_volume, write_striped};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -32,15 +32,7 @@ fn seeded(len: u64, seed: u64) -> Arc<Vec<u8>> {
 
 /// Creates volume `v` of `size` bytes and opens it through a new client.
 async fn open_volume(cluster: &DevCluster, size: u64) -> (Arc<BlockClient>, Volume) {
-    let mons = cluster.mons();
-    create_volume_sized(&MonClient::new(&mons).unwrap(), "v", size)
-        .await
-        .unwrap();
-    let client = BlockClient::connect(MonClient::new(&mons).unwrap(), ClientConfig::default())
-        .await
-        .unwrap();
-    let volume = client.open("rbd", "v").await.unwrap();
-    (client, volume)
+    open_new_volume(&cluster.mons(), "v", size).await.unwrap()
 }
 
 /// Writes `data[range]` at queue depth 8 in 512 KiB requests; every write

@@ -17,10 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use basalt_client::{BlockClient, ClientConfig, Durability, Volume};
-use basalt_monitor::MonClient;
+use basalt_client::{Durability, Volume};
 use basalt_placement::{PgId, PoolId};
-use basalt_tests::{DevCluster, create_volume_sized};
+use basalt_tests::{DevCluster, open_new_volume};
 use clap::Parser;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -157,9 +156,7 @@ async fn round(args: &Args, client_load: bool) -> anyhow::Result<Round> {
     let mons = cluster.mons();
     // Each OSD holds 3/4 of the volume (three copies over four OSDs).
     let size = ((args.gib * 4.0 / 3.0 * 1024.0) as u64 / 4).max(1) * 4 * MIB;
-    create_volume_sized(&MonClient::new(&mons)?, "bench", size).await?;
-    let client = BlockClient::connect(MonClient::new(&mons)?, ClientConfig::default()).await?;
-    let volume = client.open("rbd", "bench").await?;
+    let (client, volume) = open_new_volume(&mons, "bench", size).await?;
     fill(&volume, size).await?;
 
     let ops = Arc::new(AtomicU64::new(0));
