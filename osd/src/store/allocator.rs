@@ -25,6 +25,8 @@ pub struct Allocator {
     block_count: u64,
     free_count: u64,
     cursor: u64,
+    /// Blocks given up but not yet reusable (see `hold`).
+    held: Vec<u64>,
 }
 
 impl Allocator {
@@ -44,6 +46,39 @@ impl Allocator {
             block_count,
             free_count: block_count,
             cursor: 0,
+            held: Vec::new(),
+        }
+    }
+
+    /// Marks blocks `0 .. count` permanently used (the store's journal).
+    pub fn reserve_prefix(&mut self, count: u64) {
+        for block in 0..count.min(self.block_count) {
+            self.mark_used(block);
+        }
+    }
+
+    /// Keeps `block` (used, referenced by no metadata any more) out of reuse
+    /// until `release_held`: its content may still be rewritten by a journal
+    /// replay.
+    pub fn hold(&mut self, block: u64) {
+        assert!(self.is_used(block), "hold of free block {block}");
+        self.held.push(block);
+    }
+
+    /// Returns the number of held blocks.
+    pub fn held_count(&self) -> u64 {
+        self.held.len() as u64
+    }
+
+    /// Returns the held blocks.
+    pub fn held(&self) -> &[u64] {
+        &self.held
+    }
+
+    /// Frees every held block.
+    pub fn release_held(&mut self) {
+        for block in std::mem::take(&mut self.held) {
+            self.free(block);
         }
     }
 

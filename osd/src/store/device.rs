@@ -28,6 +28,22 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write(&self, block: u64, buf: IoBuf)
     -> impl Future<Output = (IoBuf, io::Result<()>)> + Send;
 
+    /// Writes `buf` at `block` and makes it, and every write completed
+    /// before it started, durable (RWF_DSYNC; here a write, then a flush).
+    fn write_durable(
+        &self,
+        block: u64,
+        buf: IoBuf,
+    ) -> impl Future<Output = (IoBuf, io::Result<()>)> + Send {
+        async move {
+            let (buf, result) = self.write(block, buf).await;
+            match result {
+                Ok(()) => (buf, self.flush().await),
+                Err(e) => (buf, Err(e)),
+            }
+        }
+    }
+
     /// Reads `buf.len()` bytes (a whole number of blocks) from `block`.
     fn read(&self, block: u64, buf: IoBuf) -> impl Future<Output = (IoBuf, io::Result<()>)> + Send;
 
@@ -230,6 +246,14 @@ impl<T: BlockDevice> BlockDevice for std::sync::Arc<T> {
         buf: IoBuf,
     ) -> impl Future<Output = (IoBuf, io::Result<()>)> + Send {
         (**self).write(block, buf)
+    }
+
+    fn write_durable(
+        &self,
+        block: u64,
+        buf: IoBuf,
+    ) -> impl Future<Output = (IoBuf, io::Result<()>)> + Send {
+        (**self).write_durable(block, buf)
     }
 
     fn read(&self, block: u64, buf: IoBuf) -> impl Future<Output = (IoBuf, io::Result<()>)> + Send {

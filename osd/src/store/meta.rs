@@ -31,6 +31,10 @@ pub const CF_PG_INFO: &str = "pg_info";
 pub const CF_SNAP_REFS: &str = "snap_refs";
 const COLUMN_FAMILIES: [&str; 5] = [CF_OBJECTS, CF_BLOCKS, CF_PG_LOG, CF_PG_INFO, CF_SNAP_REFS];
 const SUPERBLOCK_KEY: &[u8] = b"superblock";
+/// Sequence number of the last journal record whose changes are applied.
+const JOURNAL_APPLIED_KEY: &[u8] = b"journal_applied";
+/// Sequence number of the first record of the journal's current lap.
+const JOURNAL_LAP_KEY: &[u8] = b"journal_lap";
 
 /// The store layout version this code reads and writes.
 pub const STORE_FORMAT_VERSION: u32 = 1;
@@ -45,6 +49,14 @@ pub struct Superblock {
     /// is an in-place overwrite that changes no file-system metadata.
     #[serde(default)]
     pub prezeroed: bool,
+    /// Blocks at the start of the device that hold the metadata journal
+    /// (`journal`); 0 for stores formatted before it existed.
+    #[serde(default)]
+    pub journal_blocks: u64,
+    /// Random number every journal record carries: client data copied into
+    /// the journal can never pass for a record.
+    #[serde(default)]
+    pub journal_nonce: u64,
 }
 
 /// One change inside an atomic metadata batch.
@@ -91,6 +103,9 @@ impl MetaStore {
         // Reuse WAL files: a synced append then changes no file size, so the
         // sync is one device flush rather than a journal commit and a flush.
         options.set_recycle_log_file_num(4);
+        // After a power loss RocksDB comes back with a prefix of its writes:
+        // journal replay (`journal`) relies on it.
+        options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         let descriptors = COLUMN_FAMILIES
             .iter()
             .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
@@ -265,10 +280,45 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Writes a consistent copy of the database, as of now, to `path` (a
+    /// RocksDB checkpoint: hard links and a flushed memtable).
+    pub fn snapshot_to(&self, path: &Path) -> Result<(), StoreError> {
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(path)?;
+        Ok(())
+    }
+
+    /// Returns the journal's (applied, lap) marks: 0 when never written.
+    pub fn journal_marks(&self) -> Result<(u64, u64), StoreError> {
+        let read = |key: &[u8]| -> Result<u64, StoreError> {
+            match self.db.get(key)? {
+                None => Ok(0),
+                Some(bytes) => {
+                    let array: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+                        StoreError::Corrupt(format!("journal mark of {} bytes", bytes.len()))
+                    })?;
+                    Ok(u64::from_le_bytes(array))
+                }
+            }
+        };
+        Ok((read(JOURNAL_APPLIED_KEY)?, read(JOURNAL_LAP_KEY)?))
+    }
+
     /// Applies `ops` atomically; with `sync`, durably before returning.
     /// No ops with `sync` syncs the WAL (earlier unsynced batches).
     pub fn write(&self, ops: &[MetaOp], sync: bool) -> Result<(), StoreError> {
-        if ops.is_empty() {
+        self.write_marked(ops, None, None, sync)
+    }
+
+    /// `write`, setting the journal's applied and lap marks in the same
+    /// batch.
+    pub fn write_marked(
+        &self,
+        ops: &[MetaOp],
+        applied: Option<u64>,
+        lap: Option<u64>,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        if ops.is_empty() && applied.is_none() && lap.is_none() {
             if sync {
                 self.db.flush_wal(true)?;
             }
@@ -289,6 +339,12 @@ impl MetaStore {
                 }
                 MetaOp::DeleteRef { disk_block } => batch.delete_cf(refs, disk_block.to_be_bytes()),
             }
+        }
+        if let Some(applied) = applied {
+            batch.put(JOURNAL_APPLIED_KEY, applied.to_le_bytes());
+        }
+        if let Some(lap) = lap {
+            batch.put(JOURNAL_LAP_KEY, lap.to_le_bytes());
         }
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(sync);

@@ -8,15 +8,21 @@
 //! on [`device::MemDevice`], which loses unflushed writes, fails I/O or flips
 //! bits on demand.
 //!
-//! Rejected: overwriting blocks in place with a journal (twice the data
-//! written, and snapshots would need a separate copy-on-write layer), and one
-//! metadata record per extent (a 4 KiB overwrite in the middle of an extent
-//! would rewrite or split the record).
+//! A durable commit is one record in the metadata journal ([`journal`]) at
+//! the start of the device, written with RWF_DSYNC; small writes carry their
+//! data in it, and RocksDB is synced only at the journal's checkpoints.
+//!
+//! Rejected: overwriting blocks in place with a journal for all data (twice
+//! the data written, and snapshots would need a separate copy-on-write
+//! layer; only writes of at most 32 KiB are written twice), and one metadata
+//! record per extent (a 4 KiB overwrite in the middle of an extent would
+//! rewrite or split the record).
 
 pub mod allocator;
 pub mod buffer;
 pub mod device;
 pub mod error;
+pub mod journal;
 pub mod keys;
 pub mod meta;
 pub mod object_store;

@@ -3,12 +3,17 @@
 //! # Write path (copy-on-write)
 //! 1. Take the object's lock (striped) for writing.
 //! 2. Allocate fresh blocks, compute each block's crc32c, write the data
-//!    with O_DIRECT (several runs in parallel).
+//!    with O_DIRECT (several runs in parallel); a durable write of at most
+//!    32 KiB on a store with a journal leaves its data to the committer.
 //! 3. Hand the metadata change (new block entries, object version) to the
-//!    committer, which groups concurrent changes: one device flush for all
-//!    their data, then one synced RocksDB batch.
+//!    committer, which groups concurrent changes. With a journal: one record
+//!    written with RWF_DSYNC (changes and small writes' data, which goes to
+//!    its blocks at the same time), then one unsynced RocksDB batch (see
+//!    [`journal`](super::journal)). Without: one device flush for all their
+//!    data, then one synced RocksDB batch.
 //! 4. Free the blocks the object used before, only once the switch is
-//!    durable.
+//!    durable (blocks written inline during the journal's current lap wait
+//!    for its checkpoint).
 //!
 //! # Buffered changes
 //! A change with `Durability::Buffered` (an NBD write without FUA) is
@@ -46,9 +51,10 @@ use futures::future::join_all;
 use tokio::sync::{RwLock, mpsc, oneshot};
 
 use super::allocator::{Allocator, Run};
-use super::buffer::{BLOCK_BYTES, LARGE_BUFFER_BYTES};
+use super::buffer::{BLOCK_BYTES, IoBuf, LARGE_BUFFER_BYTES};
 use super::device::BlockDevice;
 use super::error::StoreError;
+use super::journal::{self, INLINE_MAX_BYTES, MAX_RECORD_BYTES};
 use super::keys::{BlockEntry, ObjectInfo, ObjectKey, block_key, object_key, stripe_of};
 use super::meta::{MetaOp, MetaStore, STORE_FORMAT_VERSION, Superblock};
 use super::uring::{UringConfig, UringDevice};
@@ -113,6 +119,11 @@ struct Commit {
     durability: Durability,
     /// Disk blocks the change gives up: freed once it is durable.
     free: Vec<u64>,
+    /// Data the committer writes to these (first) disk blocks, into the
+    /// journal record too (a small durable write; see `journal`).
+    inline: Vec<(u64, IoBuf)>,
+    /// End the journal's lap: flush, sync RocksDB, release held blocks.
+    checkpoint: bool,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -137,6 +148,10 @@ struct Inner<D> {
     failed: Arc<AtomicBool>,
     /// Skip the device flush: the metadata sync's flush covers the data.
     data_flush_in_metadata_sync: Arc<AtomicBool>,
+    /// Blocks of the metadata journal at the start of the device (0: none).
+    journal_blocks: u64,
+    /// Journal checkpoints (laps ended) since open.
+    checkpoints: Arc<std::sync::atomic::AtomicU64>,
     config: StoreConfig,
 }
 
@@ -173,6 +188,8 @@ impl ObjectStore<UringDevice> {
             });
         }
         let file = std::fs::File::create(&data_path).map_err(io("create data file"))?;
+        let block_count = size / BLOCK_BYTES as u64;
+        let journal_blocks = journal::default_journal_blocks(block_count);
         if prezero {
             use std::io::Write;
             let chunk = vec![0u8; 4 << 20];
@@ -188,14 +205,29 @@ impl ObjectStore<UringDevice> {
             writer.flush().map_err(io("zero data file"))?;
         } else {
             file.set_len(size).map_err(io("size data file"))?;
+            // The journal is rewritten all the time: written extents make
+            // each record one data write and a flush, with no extent
+            // conversion to commit.
+            use std::io::Write;
+            let chunk = vec![0u8; 1 << 20];
+            let mut writer = std::io::BufWriter::new(&file);
+            let mut left = journal_blocks * BLOCK_BYTES as u64;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                writer.write_all(&chunk[..n]).map_err(io("zero journal"))?;
+                left -= n as u64;
+            }
+            writer.flush().map_err(io("zero journal"))?;
         }
         file.sync_all().map_err(io("sync data file"))?;
         let meta = MetaStore::open(&meta_path)?;
         meta.put_superblock(&Superblock {
             format_version: STORE_FORMAT_VERSION,
             block_bytes: BLOCK_BYTES as u32,
-            block_count: size / BLOCK_BYTES as u64,
+            block_count,
             prezeroed: prezero,
+            journal_blocks,
+            journal_nonce: rand::random::<u64>(),
         })?;
         Ok(())
     }
@@ -261,6 +293,8 @@ impl<D: BlockDevice> ObjectStore<D> {
                     block_bytes: BLOCK_BYTES as u32,
                     block_count: device.block_count(),
                     prezeroed: false,
+                    journal_blocks: journal::default_journal_blocks(device.block_count()),
+                    journal_nonce: rand::random::<u64>(),
                 };
                 meta.put_superblock(&superblock)?;
                 superblock
@@ -280,7 +314,15 @@ impl<D: BlockDevice> ObjectStore<D> {
                 device.block_count()
             )));
         }
+        if superblock.journal_blocks >= superblock.block_count {
+            return Err(StoreError::Corrupt(format!(
+                "journal of {} blocks on a store of {}",
+                superblock.journal_blocks, superblock.block_count
+            )));
+        }
+        let next_seq = replay_journal(&device, &meta, &superblock).await?;
         let mut allocator = Allocator::new(superblock.block_count);
+        allocator.reserve_prefix(superblock.journal_blocks);
         meta.for_each_ref(|disk_block, _| {
             allocator.set_shared(disk_block, true);
             Ok(())
@@ -290,7 +332,7 @@ impl<D: BlockDevice> ObjectStore<D> {
                 Ok(())
             } else {
                 Err(StoreError::Corrupt(format!(
-                    "disk block {} of {object} block {index} is referenced twice (unshared) or out of range",
+                    "disk block {} of {object} block {index} is referenced twice (unshared), in the journal or out of range",
                     entry.disk_block
                 )))
             }
@@ -304,16 +346,25 @@ impl<D: BlockDevice> ObjectStore<D> {
         // replayed and their data was written with O_DIRECT, not flushed:
         // make them durable before serving, since a client's next FLUSH
         // would no longer know about them.
+        // That also ends the journal's lap: what it replayed is durable now.
         device.flush().await.map_err(|source| StoreError::Io {
             op: "flush data device at open",
             source,
         })?;
-        meta.write(&[], true)?;
+        let journal = (superblock.journal_blocks > 0).then(|| JournalState {
+            blocks: superblock.journal_blocks,
+            nonce: superblock.journal_nonce,
+            next_block: 0,
+            next_seq,
+            lap_inline: std::collections::HashSet::new(),
+        });
+        meta.write_marked(&[], None, journal.as_ref().map(|j| j.next_seq), true)?;
         let device = Arc::new(device);
         let meta = Arc::new(meta);
         let allocator = Arc::new(Mutex::new(allocator));
         let failed = Arc::new(AtomicBool::new(false));
         let skip_flush = Arc::new(AtomicBool::new(false));
+        let checkpoints = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (commits, rx) = mpsc::unbounded_channel();
         let committer = tokio::spawn(
             Committer {
@@ -323,6 +374,8 @@ impl<D: BlockDevice> ObjectStore<D> {
                 failed: failed.clone(),
                 skip_flush: skip_flush.clone(),
                 unsynced: Unsynced::default(),
+                journal,
+                checkpoints: checkpoints.clone(),
             }
             .run(rx),
         );
@@ -336,6 +389,8 @@ impl<D: BlockDevice> ObjectStore<D> {
                 commits,
                 failed,
                 data_flush_in_metadata_sync: skip_flush,
+                journal_blocks: superblock.journal_blocks,
+                checkpoints,
                 config,
             }),
             committer,
@@ -364,10 +419,33 @@ impl<D: BlockDevice> ObjectStore<D> {
         &self.inner.device
     }
 
-    /// Returns (free, total) blocks.
+    /// Returns (free, total) blocks. Blocks held until the journal's next
+    /// checkpoint count as free: a write that needs them gets them.
     pub fn space(&self) -> (u64, u64) {
         let allocator = self.allocator();
-        (allocator.free_count(), allocator.block_count())
+        (
+            allocator.free_count() + allocator.held_count(),
+            allocator.block_count(),
+        )
+    }
+
+    /// Returns the number of blocks of the metadata journal (0: none).
+    pub fn journal_blocks(&self) -> u64 {
+        self.inner.journal_blocks
+    }
+
+    /// Returns how many journal checkpoints (synced RocksDB commits that end
+    /// a lap) ran since open.
+    pub fn journal_checkpoints(&self) -> u64 {
+        self.inner.checkpoints.load(Ordering::Acquire)
+    }
+
+    /// Copies the metadata database, as of now, to `path`. Between two
+    /// journal checkpoints this is a state a power loss could leave it in
+    /// (its writes since the last checkpoint were not synced), which is how
+    /// tests roll it back.
+    pub fn snapshot_metadata(&self, path: &Path) -> Result<(), StoreError> {
+        self.inner.meta.snapshot_to(path)
     }
 
     fn allocator(&self) -> std::sync::MutexGuard<'_, Allocator> {
@@ -422,6 +500,19 @@ impl<D: BlockDevice> ObjectStore<D> {
         durability: Durability,
         free: Vec<u64>,
     ) -> Result<(), StoreError> {
+        self.send_commit(ops, needs_flush, durability, free, Vec::new(), false)
+            .await
+    }
+
+    async fn send_commit(
+        &self,
+        ops: Vec<MetaOp>,
+        needs_flush: bool,
+        durability: Durability,
+        free: Vec<u64>,
+        inline: Vec<(u64, IoBuf)>,
+        checkpoint: bool,
+    ) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.inner
             .commits
@@ -430,6 +521,8 @@ impl<D: BlockDevice> ObjectStore<D> {
                 needs_flush,
                 durability,
                 free,
+                inline,
+                checkpoint,
                 done,
             })
             .map_err(|_| StoreError::Failed("committer stopped".into()))?;
@@ -446,6 +539,21 @@ impl<D: BlockDevice> ObjectStore<D> {
         self.check_failed()?;
         self.commit(Vec::new(), false, Durability::Durable, Vec::new())
             .await
+    }
+
+    /// `flush`, and ends the journal's lap: blocks held until then come
+    /// free.
+    pub async fn flush_and_release(&self) -> Result<(), StoreError> {
+        self.check_failed()?;
+        self.send_commit(
+            Vec::new(),
+            false,
+            Durability::Durable,
+            Vec::new(),
+            Vec::new(),
+            true,
+        )
+        .await
     }
 
     /// Writes `data` at byte `offset` of an object (both 4 KiB-aligned) and
@@ -478,7 +586,12 @@ impl<D: BlockDevice> ObjectStore<D> {
         let runs = self.allocate_or_flush(count as u64).await?;
 
         let crcs: Vec<u32> = data.chunks(BLOCK_BYTES).map(crc32c::crc32c).collect();
-        let mut writes = Vec::with_capacity(runs.len());
+        // A small durable write goes out with its journal record, from the
+        // committer: one device round trip instead of two.
+        let inline = durability == Durability::Durable
+            && self.inner.journal_blocks > 0
+            && data.len() <= INLINE_MAX_BYTES;
+        let mut buffers = Vec::with_capacity(runs.len());
         let mut data_offset = 0;
         for run in &runs {
             let len = run.len as usize * BLOCK_BYTES;
@@ -490,15 +603,20 @@ impl<D: BlockDevice> ObjectStore<D> {
                 "buffer copy changed the data"
             );
             data_offset += len;
-            writes.push(self.inner.device.write(run.start, buf));
+            buffers.push((run.start, buf));
         }
-        let results = join_all(writes).await;
-        if let Some(source) = results.into_iter().find_map(|(_, r)| r.err()) {
-            self.allocator().free_runs(&runs);
-            return Err(StoreError::Io {
-                op: "write data",
-                source,
-            });
+        if !inline {
+            let writes = buffers
+                .drain(..)
+                .map(|(start, buf)| self.inner.device.write(start, buf));
+            let results = join_all(writes).await;
+            if let Some(source) = results.into_iter().find_map(|(_, r)| r.err()) {
+                self.allocator().free_runs(&runs);
+                return Err(StoreError::Io {
+                    op: "write data",
+                    source,
+                });
+            }
         }
 
         let old = match self.inner.meta.blocks(key, first, count) {
@@ -537,7 +655,8 @@ impl<D: BlockDevice> ObjectStore<D> {
         };
         // On failure whether the batch reached RocksDB is unknown: keep the
         // new blocks allocated (the store is failed; a restart rebuilds).
-        self.commit_release(ops, true, durability, release).await
+        self.commit_release(ops, !inline, durability, release, buffers)
+            .await
     }
 
     /// Plans giving up `disk_blocks` (old blocks of a change): exclusive ones
@@ -588,6 +707,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         needs_flush: bool,
         durability: Durability,
         release: Release<'_>,
+        inline: Vec<(u64, IoBuf)>,
     ) -> Result<(), StoreError> {
         let Release {
             ops: ref_ops,
@@ -596,7 +716,8 @@ impl<D: BlockDevice> ObjectStore<D> {
             _refs,
         } = release;
         ops.extend(ref_ops);
-        self.commit(ops, needs_flush, durability, free).await?;
+        self.send_commit(ops, needs_flush, durability, free, inline, false)
+            .await?;
         let mut allocator = self.allocator();
         for block in &unshare {
             allocator.set_shared(*block, false);
@@ -684,7 +805,7 @@ impl<D: BlockDevice> ObjectStore<D> {
     async fn allocate_or_flush(&self, count: u64) -> Result<Vec<Run>, StoreError> {
         match self.allocate(count) {
             Err(StoreError::NoSpace { .. }) => {
-                self.flush().await?;
+                self.flush_and_release().await?;
                 self.allocate(count)
             }
             other => other,
@@ -826,7 +947,8 @@ impl<D: BlockDevice> ObjectStore<D> {
         let release = self
             .release(old.into_iter().flatten().map(|e| e.disk_block).collect())
             .await?;
-        self.commit_release(ops, false, durability, release).await
+        self.commit_release(ops, false, durability, release, Vec::new())
+            .await
     }
 
     /// Returns an object's version and its allocated blocks with their data
@@ -985,7 +1107,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         let release = self
             .release(blocks.iter().map(|(_, e)| e.disk_block).collect())
             .await?;
-        self.commit_release(ops, false, Durability::Durable, release)
+        self.commit_release(ops, false, Durability::Durable, release, Vec::new())
             .await
     }
 
@@ -1055,6 +1177,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         let known: std::collections::HashSet<ObjectKey> =
             objects.iter().map(|(key, _)| *key).collect();
         let mut seen = Allocator::new(block_count);
+        seen.reserve_prefix(self.inner.journal_blocks);
         let mut extra_refs: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
         let mut to_check: Vec<(ObjectKey, u32, BlockEntry)> = Vec::new();
         self.inner.meta.for_each_block(|object, index, entry| {
@@ -1067,6 +1190,11 @@ impl<D: BlockDevice> ObjectStore<D> {
             if entry.disk_block >= block_count {
                 report.errors.push(format!(
                     "{object} block {index}: disk block {} out of range",
+                    entry.disk_block
+                ));
+            } else if entry.disk_block < self.inner.journal_blocks {
+                report.errors.push(format!(
+                    "{object} block {index}: disk block {} lies in the journal",
                     entry.disk_block
                 ));
             } else if !seen.mark_used(entry.disk_block) {
@@ -1099,7 +1227,16 @@ impl<D: BlockDevice> ObjectStore<D> {
         }
         {
             let allocator = self.allocator();
-            report.free_blocks = allocator.free_count();
+            // Held blocks (given up, kept until the journal's checkpoint)
+            // are in use and referenced by nothing.
+            for &block in allocator.held() {
+                if !seen.mark_used(block) {
+                    report.errors.push(format!(
+                        "disk block {block} is held for the journal but still referenced"
+                    ));
+                }
+            }
+            report.free_blocks = allocator.free_count() + allocator.held_count();
             let mut mismatches = 0u64;
             for block in 0..block_count {
                 if allocator.is_used(block) != seen.is_used(block) {
@@ -1164,13 +1301,38 @@ struct Unsynced {
     data: bool,
     /// Blocks given up by unsynced changes.
     free: Vec<u64>,
+    /// Their metadata changes, for the next journal record.
+    ops: Vec<MetaOp>,
+    /// Too many changes for one record: the next sync is a checkpoint.
+    overflow: bool,
+}
+
+/// Unsynced changes kept for the next journal record, at most (about 750
+/// KiB encoded): beyond, the next sync is a checkpoint.
+const UNSYNCED_OPS_MAX: usize = 16_384;
+/// Blocks held until a checkpoint that make one happen: 64 MiB.
+const HELD_MAX: u64 = 16_384;
+
+/// Where the committer is in the metadata journal.
+struct JournalState {
+    blocks: u64,
+    nonce: u64,
+    /// Where the next record goes.
+    next_block: u64,
+    next_seq: u64,
+    /// Disk blocks written inline during this lap: a replay may write them
+    /// again, so when a change gives one up it is held, not freed, until the
+    /// next checkpoint.
+    lap_inline: std::collections::HashSet<u64>,
 }
 
 /// Groups metadata changes. A group with a durable change (or one that
-/// follows buffered changes for too long) is one device flush for all the
-/// data written since the last one, then one synced RocksDB batch; a group of
-/// buffered changes is one unsynced batch. A failed flush or commit fails the
-/// store: it can no longer tell what is durable.
+/// follows buffered changes for too long) is made durable at once for all
+/// of them: with a journal, one record written with RWF_DSYNC and an
+/// unsynced RocksDB batch; without, one device flush for all the data
+/// written since the last one, then one synced RocksDB batch. A group of
+/// buffered changes is one unsynced batch. A failed flush or commit fails
+/// the store: it can no longer tell what is durable.
 struct Committer<D> {
     device: Arc<D>,
     meta: Arc<MetaStore>,
@@ -1178,6 +1340,8 @@ struct Committer<D> {
     failed: Arc<AtomicBool>,
     skip_flush: Arc<AtomicBool>,
     unsynced: Unsynced,
+    journal: Option<JournalState>,
+    checkpoints: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<D: BlockDevice> Committer<D> {
@@ -1209,8 +1373,15 @@ impl<D: BlockDevice> Committer<D> {
                 let _ = commit.done.send(result.clone());
             }
         }
-        // Closing: nothing buffered stays unsynced.
-        self.sync_alone().await;
+        // Closing: nothing buffered stays unsynced, and with a journal the
+        // lap ends, so the next open has nothing to replay.
+        if self.journal.is_some() && !self.failed.load(Ordering::Acquire) {
+            if let Err(message) = self.checkpoint(Vec::new(), Vec::new(), Vec::new()).await {
+                tracing::error!("store checkpoint at close failed: {message}");
+            }
+        } else {
+            self.sync_alone().await;
+        }
     }
 
     /// Syncs what earlier groups left unsynced.
@@ -1233,49 +1404,238 @@ impl<D: BlockDevice> Committer<D> {
             .iter_mut()
             .flat_map(|c| std::mem::take(&mut c.free))
             .collect();
+        let inline: Vec<(u64, IoBuf)> = group
+            .iter_mut()
+            .flat_map(|c| std::mem::take(&mut c.inline))
+            .collect();
         let needs_flush = group.iter().any(|c| c.needs_flush);
+        let checkpoint = group.iter().any(|c| c.checkpoint);
         let sync = group.is_empty()
+            || checkpoint
+            || !inline.is_empty()
             || group.iter().any(|c| c.durability == Durability::Durable)
             || self.unsynced.free.len() + free.len() >= BUFFERED_FREE_MAX
             || self
                 .unsynced
                 .since
                 .is_some_and(|since| since.elapsed() >= BUFFERED_SYNC_AFTER);
-        if ops.is_empty() && free.is_empty() && (!sync || self.unsynced.since.is_none()) {
+        if ops.is_empty()
+            && free.is_empty()
+            && !checkpoint
+            && (!sync || self.unsynced.since.is_none())
+        {
             // A flush with nothing unsynced: already durable.
             return Ok(());
         }
-        let flush_data =
-            sync && (needs_flush || self.unsynced.data) && !self.skip_flush.load(Ordering::Acquire);
-        let result = commit_group(&self.device, &self.meta, ops, flush_data, sync).await;
+        let result = if self.journal.is_some() {
+            if checkpoint || self.unsynced.overflow {
+                self.checkpoint(ops, free, inline).await
+            } else if sync {
+                self.commit_journaled(ops, free, inline).await
+            } else {
+                self.apply_unsynced(ops, free, needs_flush, true)
+            }
+        } else {
+            self.commit_plain(ops, free, needs_flush, sync).await
+        };
         if let Err(message) = &result {
             tracing::error!("store commit failed, refusing further writes: {message}");
             self.failed.store(true, Ordering::Release);
-            return result;
         }
-        if sync {
-            let unsynced = std::mem::take(&mut self.unsynced);
+        result
+    }
+
+    /// Without a journal: a device flush if needed, then a RocksDB batch,
+    /// synced with `sync`.
+    async fn commit_plain(
+        &mut self,
+        ops: Vec<MetaOp>,
+        free: Vec<u64>,
+        needs_flush: bool,
+        sync: bool,
+    ) -> Result<(), String> {
+        let flush_data =
+            sync && (needs_flush || self.unsynced.data) && !self.skip_flush.load(Ordering::Acquire);
+        if !sync {
+            let meta = self.meta.clone();
+            tokio::task::spawn_blocking(move || {
+                meta.write(&ops, false)?;
+                Ok::<_, StoreError>(ops)
+            })
+            .await
+            .map_err(|e| format!("metadata commit task failed: {e}"))?
+            .map_err(|e| format!("metadata commit failed: {e}"))?;
+            return self.note_unsynced(Vec::new(), free, needs_flush, false);
+        }
+        commit_group(&self.device, &self.meta, ops, flush_data, true, None).await?;
+        let unsynced = std::mem::take(&mut self.unsynced);
+        let mut allocator = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
+        for block in unsynced.free.into_iter().chain(free) {
+            allocator.free(block);
+        }
+        Ok(())
+    }
+
+    /// A buffered group: one unsynced RocksDB batch. It does not wait for
+    /// the device, so it runs on the committer task.
+    fn apply_unsynced(
+        &mut self,
+        ops: Vec<MetaOp>,
+        free: Vec<u64>,
+        needs_flush: bool,
+        keep_ops: bool,
+    ) -> Result<(), String> {
+        self.meta
+            .write(&ops, false)
+            .map_err(|e| format!("metadata commit failed: {e}"))?;
+        self.note_unsynced(ops, free, needs_flush, keep_ops)
+    }
+
+    fn note_unsynced(
+        &mut self,
+        ops: Vec<MetaOp>,
+        free: Vec<u64>,
+        needs_flush: bool,
+        keep_ops: bool,
+    ) -> Result<(), String> {
+        let unsynced = &mut self.unsynced;
+        unsynced.since.get_or_insert_with(Instant::now);
+        unsynced.data |= needs_flush;
+        unsynced.free.extend(free);
+        if keep_ops && !unsynced.overflow {
+            if unsynced.ops.len() + ops.len() > UNSYNCED_OPS_MAX {
+                unsynced.overflow = true;
+                unsynced.ops = Vec::new();
+            } else {
+                unsynced.ops.extend(ops);
+            }
+        }
+        Ok(())
+    }
+
+    fn journal(&mut self) -> Result<&mut JournalState, String> {
+        self.journal
+            .as_mut()
+            .ok_or_else(|| "store has no journal".to_string())
+    }
+
+    /// A durable group with a journal: one record (the changes left
+    /// unsynced before, the group's changes, its inline data) written with
+    /// RWF_DSYNC while the inline data goes to its blocks; then the group's
+    /// RocksDB batch, unsynced, marking the record applied.
+    async fn commit_journaled(
+        &mut self,
+        ops: Vec<MetaOp>,
+        free: Vec<u64>,
+        inline: Vec<(u64, IoBuf)>,
+    ) -> Result<(), String> {
+        let inline_blocks: usize = inline.iter().map(|(_, b)| b.len() / BLOCK_BYTES).sum();
+        let encode = |unsynced: &[MetaOp]| {
+            let mut encoded = Vec::with_capacity((unsynced.len() + ops.len()) * 48);
+            journal::encode_ops(unsynced, &mut encoded);
+            journal::encode_ops(&ops, &mut encoded);
+            let blocks = journal::record_blocks(encoded.len(), inline.len(), inline_blocks);
+            (encoded, blocks)
+        };
+        let (mut encoded, mut blocks) = encode(&self.unsynced.ops);
+        let (capacity, room) = {
+            let journal = self.journal()?;
+            (journal.blocks, journal.blocks - journal.next_block)
+        };
+        if blocks * BLOCK_BYTES > MAX_RECORD_BYTES || blocks as u64 > capacity {
+            return self.checkpoint(ops, free, inline).await;
+        }
+        if blocks as u64 > room {
+            // The lap is full: end it (the unsynced changes become durable
+            // with it), then this record starts the next one.
+            self.checkpoint(Vec::new(), Vec::new(), Vec::new()).await?;
+            (encoded, blocks) = encode(&[]);
+        }
+        let (nonce, seq, at) = {
+            let journal = self.journal()?;
+            (journal.nonce, journal.next_seq, journal.next_block)
+        };
+        let mut record = self.device.buffer(blocks * BLOCK_BYTES);
+        {
+            let runs: Vec<(u64, &[u8])> = inline.iter().map(|(b, buf)| (*b, &buf[..])).collect();
+            journal::fill_record(&mut record, nonce, seq, &encoded, &runs);
+        }
+        let inline_starts: Vec<(u64, u64)> = inline
+            .iter()
+            .map(|(b, buf)| (*b, (buf.len() / BLOCK_BYTES) as u64))
+            .collect();
+        let home = join_all(inline.into_iter().map(|(b, buf)| self.device.write(b, buf)));
+        let ((_, written), home) = tokio::join!(self.device.write_durable(at, record), home);
+        written.map_err(|e| format!("journal write failed: {e}"))?;
+        if let Some(e) = home.into_iter().find_map(|(_, r)| r.err()) {
+            return Err(format!("data write failed: {e}"));
+        }
+        self.meta
+            .write_marked(&ops, Some(seq), None, false)
+            .map_err(|e| format!("metadata commit failed: {e}"))?;
+        let journal = self.journal()?;
+        journal.next_block += blocks as u64;
+        journal.next_seq += 1;
+        for (start, len) in inline_starts {
+            journal.lap_inline.extend(start..start + len);
+        }
+        let unsynced = std::mem::take(&mut self.unsynced);
+        let held = {
+            let journal = self.journal.as_mut().ok_or("store has no journal")?;
             let mut allocator = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
             for block in unsynced.free.into_iter().chain(free) {
-                allocator.free(block);
+                if journal.lap_inline.remove(&block) {
+                    allocator.hold(block);
+                } else {
+                    allocator.free(block);
+                }
             }
-        } else {
-            self.unsynced.since.get_or_insert_with(Instant::now);
-            self.unsynced.data |= needs_flush;
-            self.unsynced.free.extend(free);
+            allocator.held_count()
+        };
+        if held >= HELD_MAX {
+            self.checkpoint(Vec::new(), Vec::new(), Vec::new()).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the journal's lap: inline data to its blocks, a device flush,
+    /// then `ops` in a synced RocksDB batch that starts the next lap. Every
+    /// held block comes free.
+    async fn checkpoint(
+        &mut self,
+        ops: Vec<MetaOp>,
+        free: Vec<u64>,
+        inline: Vec<(u64, IoBuf)>,
+    ) -> Result<(), String> {
+        let home = join_all(inline.into_iter().map(|(b, buf)| self.device.write(b, buf))).await;
+        if let Some(e) = home.into_iter().find_map(|(_, r)| r.err()) {
+            return Err(format!("data write failed: {e}"));
+        }
+        let lap = self.journal()?.next_seq;
+        commit_group(&self.device, &self.meta, ops, true, true, Some(lap)).await?;
+        self.checkpoints.fetch_add(1, Ordering::AcqRel);
+        let journal = self.journal()?;
+        journal.next_block = 0;
+        journal.lap_inline.clear();
+        let unsynced = std::mem::take(&mut self.unsynced);
+        let mut allocator = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
+        allocator.release_held();
+        for block in unsynced.free.into_iter().chain(free) {
+            allocator.free(block);
         }
         Ok(())
     }
 }
 
 /// One device flush (with `flush_data`), then one RocksDB batch, synced
-/// with `sync`.
+/// with `sync`, starting a journal lap at `lap`.
 async fn commit_group<D: BlockDevice>(
     device: &Arc<D>,
     meta: &Arc<MetaStore>,
     ops: Vec<MetaOp>,
     flush_data: bool,
     sync: bool,
+    lap: Option<u64>,
 ) -> Result<(), String> {
     if flush_data {
         device
@@ -1284,8 +1644,67 @@ async fn commit_group<D: BlockDevice>(
             .map_err(|e| format!("data flush failed: {e}"))?;
     }
     let meta = meta.clone();
-    tokio::task::spawn_blocking(move || meta.write(&ops, sync))
+    tokio::task::spawn_blocking(move || meta.write_marked(&ops, None, lap, sync))
         .await
         .map_err(|e| format!("metadata commit task failed: {e}"))?
         .map_err(|e| format!("metadata commit failed: {e}"))
+}
+
+/// Replays the journal's current lap (see `journal`): inline data to its
+/// blocks again, the changes of records not applied yet into RocksDB.
+/// Returns the sequence number of the next record.
+async fn replay_journal<D: BlockDevice>(
+    device: &D,
+    meta: &MetaStore,
+    superblock: &Superblock,
+) -> Result<u64, StoreError> {
+    let (applied, lap) = meta.journal_marks()?;
+    let mut next = (applied + 1).max(lap);
+    if superblock.journal_blocks == 0 {
+        return Ok(next);
+    }
+    let records = journal::scan(
+        device,
+        superblock.journal_blocks,
+        superblock.journal_nonce,
+        lap,
+    )
+    .await?;
+    let mut replayed = 0usize;
+    for record in &records {
+        for (start, data) in &record.inline {
+            let blocks = (data.len() / BLOCK_BYTES) as u64;
+            if *start < superblock.journal_blocks
+                || start
+                    .checked_add(blocks)
+                    .is_none_or(|end| end > superblock.block_count)
+            {
+                return Err(StoreError::Corrupt(format!(
+                    "journal record {} writes blocks {start}+{blocks}, outside the data area",
+                    record.seq
+                )));
+            }
+            let mut buf = device.buffer(data.len());
+            buf.copy_from_slice(data);
+            let (_, result) = device.write(*start, buf).await;
+            result.map_err(|source| StoreError::Io {
+                op: "replay journal data",
+                source,
+            })?;
+        }
+        if record.seq > applied {
+            meta.write_marked(&record.ops, Some(record.seq), None, false)?;
+            replayed += 1;
+        }
+        next = next.max(record.seq + 1);
+    }
+    if !records.is_empty() {
+        tracing::info!(
+            records = records.len(),
+            replayed,
+            applied,
+            "journal lap replayed"
+        );
+    }
+    Ok(next)
 }

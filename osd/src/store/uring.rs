@@ -58,8 +58,14 @@ impl Default for UringConfig {
 }
 
 enum Kind {
-    Write { block: u64 },
-    Read { block: u64 },
+    /// `dsync`: with RWF_DSYNC (the write and every completed one durable).
+    Write {
+        block: u64,
+        dsync: bool,
+    },
+    Read {
+        block: u64,
+    },
     Flush,
 }
 
@@ -243,6 +249,17 @@ fn buffer_back(buf: Option<IoBuf>, len: usize) -> IoBuf {
     buf.unwrap_or_else(|| IoBuf::heap(len))
 }
 
+impl UringDevice {
+    async fn write_kind(&self, block: u64, buf: IoBuf, dsync: bool) -> (IoBuf, io::Result<()>) {
+        let len = buf.len();
+        if let Err(e) = check_range(block, len, self.block_count) {
+            return (buf, Err(e));
+        }
+        let (buf, result) = self.submit(Kind::Write { block, dsync }, Some(buf)).await;
+        (buffer_back(buf, len), result)
+    }
+}
+
 impl BlockDevice for UringDevice {
     fn block_count(&self) -> u64 {
         self.block_count
@@ -253,12 +270,11 @@ impl BlockDevice for UringDevice {
     }
 
     async fn write(&self, block: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
-        let len = buf.len();
-        if let Err(e) = check_range(block, len, self.block_count) {
-            return (buf, Err(e));
-        }
-        let (buf, result) = self.submit(Kind::Write { block }, Some(buf)).await;
-        (buffer_back(buf, len), result)
+        self.write_kind(block, buf, false).await
+    }
+
+    async fn write_durable(&self, block: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
+        self.write_kind(block, buf, true).await
     }
 
     async fn read(&self, block: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
@@ -402,14 +418,21 @@ impl Drop for Ring {
 fn build_entry(request: &Request) -> io_uring::squeue::Entry {
     let file = types::Fixed(0);
     match (&request.kind, &request.buf) {
-        (Kind::Write { block }, Some(buf)) => {
+        (Kind::Write { block, dsync }, Some(buf)) => {
             let offset = block * BLOCK_BYTES as u64;
+            // RWF_DSYNC on an O_DIRECT write: the kernel writes with FUA or
+            // follows with the file's fdatasync (a device flush, and a
+            // file-system journal commit if the file's extents changed), so
+            // writes to the file that completed before are durable too.
+            let flags = if *dsync { libc::RWF_DSYNC } else { 0 };
             match buf.fixed_index() {
                 Some(index) => opcode::WriteFixed::new(file, buf.as_ptr(), buf.len() as u32, index)
                     .offset(offset)
+                    .rw_flags(flags)
                     .build(),
                 None => opcode::Write::new(file, buf.as_ptr(), buf.len() as u32)
                     .offset(offset)
+                    .rw_flags(flags)
                     .build(),
             }
         }
