@@ -44,6 +44,9 @@ struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run only the workloads whose name contains this (e.g. "qd1").
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -112,7 +115,9 @@ fn main() -> anyhow::Result<()> {
     );
     progress(&format!(
         "flush policy: {}",
-        if store.data_flush_in_metadata_sync() {
+        if store.journal_blocks() > 0 {
+            "one RWF_DSYNC journal record per durable group (writes up to 32 KiB inline)"
+        } else if store.data_flush_in_metadata_sync() {
             "one flush per group (metadata sync covers the prezeroed data file)"
         } else {
             "data flush, then metadata sync"
@@ -123,6 +128,13 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     for workload in STORAGE_WORKLOADS {
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|only| !workload.name.contains(only.as_str()))
+        {
+            continue;
+        }
         progress(&format!("{}: raw fio", workload.name));
         let raw = raw::run(&raw_file, working_set, &workload, args.runtime)?;
         // The store makes the promise raw fio's job makes; unsynced raw

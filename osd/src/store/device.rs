@@ -28,8 +28,9 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write(&self, block: u64, buf: IoBuf)
     -> impl Future<Output = (IoBuf, io::Result<()>)> + Send;
 
-    /// Writes `buf` at `block` and makes it, and every write completed
-    /// before it started, durable (RWF_DSYNC; here a write, then a flush).
+    /// Writes `buf` at `block` and makes that write durable (RWF_DSYNC).
+    /// Only this write: a device with FUA persists it alone, so earlier
+    /// writes still need a `flush`. Here a write, then a flush.
     fn write_durable(
         &self,
         block: u64,
@@ -88,6 +89,8 @@ struct MemState {
     fail_reads: bool,
     /// Fail every flush with EIO while set.
     fail_flushes: bool,
+    /// `write_durable` persists only its own blocks (a disk with FUA).
+    fua: bool,
     writes: u64,
     flushes: u64,
 }
@@ -134,6 +137,12 @@ impl MemDevice {
     /// Makes reads fail with EIO (`true`) or succeed again.
     pub fn fail_reads(&self, fail: bool) {
         self.state().fail_reads = fail;
+    }
+
+    /// Makes `write_durable` a FUA write (`true`: only its own blocks become
+    /// durable) or a write and a flush of the whole cache (the default).
+    pub fn set_fua(&self, fua: bool) {
+        self.state().fua = fua;
     }
 
     /// Makes flushes fail with EIO (`true`) or succeed again.
@@ -194,6 +203,31 @@ impl BlockDevice for MemDevice {
             state
                 .volatile
                 .insert(block + i as u64, chunk.to_vec().into_boxed_slice());
+        }
+        state.writes += 1;
+        drop(state);
+        (buf, Ok(()))
+    }
+
+    async fn write_durable(&self, block: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
+        if !self.state().fua {
+            let (buf, result) = self.write(block, buf).await;
+            return match result {
+                Ok(()) => (buf, self.flush().await),
+                Err(e) => (buf, Err(e)),
+            };
+        }
+        if let Err(e) = check_range(block, buf.len(), self.block_count) {
+            return (buf, Err(e));
+        }
+        let mut state = self.state();
+        if state.powered_off || state.fail_writes {
+            return (buf, Err(eio()));
+        }
+        for (i, chunk) in buf.chunks(BLOCK_BYTES).enumerate() {
+            let b = block + i as u64;
+            state.volatile.remove(&b);
+            state.durable.insert(b, chunk.to_vec().into_boxed_slice());
         }
         state.writes += 1;
         drop(state);

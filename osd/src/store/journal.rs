@@ -221,27 +221,40 @@ pub fn parse_header(first_block: &[u8], nonce: u64) -> Option<(u64, usize)> {
         .then(|| (le_u64(first_block, 16), blocks))
 }
 
-/// Decodes a whole record; `None` if its checksum or layout is wrong (a torn
-/// write).
-pub fn decode_record(bytes: &[u8], nonce: u64) -> Option<Record> {
-    let (seq, blocks) = parse_header(bytes, nonce)?;
+/// Decodes a whole record: `Ok(None)` if it is not one (a torn write: the
+/// checksum fails); an error if the checksum holds but the content cannot be
+/// read (a record this code does not understand must not be skipped, or the
+/// records after it would be lost).
+pub fn decode_record(bytes: &[u8], nonce: u64) -> Result<Option<Record>, StoreError> {
+    let Some((seq, blocks)) = parse_header(bytes, nonce) else {
+        return Ok(None);
+    };
     if bytes.len() != blocks * BLOCK_BYTES {
-        return None;
+        return Ok(None);
     }
     let mut zeroed = bytes.to_vec();
     zeroed[36..40].fill(0);
     if crc32c::crc32c(&zeroed) != le_u32(bytes, 36) {
-        return None;
+        return Ok(None);
     }
+    decode_body(bytes, seq).map(Some)
+}
+
+/// The body of a record whose checksum holds.
+fn decode_body(bytes: &[u8], seq: u64) -> Result<Record, StoreError> {
+    let layout = || {
+        corrupt(&format!(
+            "record {seq} has a valid checksum but a bad layout"
+        ))
+    };
     let ops_bytes = le_u32(bytes, 28) as usize;
     let runs = le_u32(bytes, 32) as usize;
-    let table_end = HEADER_BYTES
-        .checked_add(ops_bytes)?
-        .checked_add(runs.checked_mul(RUN_BYTES)?)?;
-    if table_end > bytes.len() {
-        return None;
-    }
-    let ops = decode_ops(&bytes[HEADER_BYTES..HEADER_BYTES + ops_bytes]).ok()?;
+    let table_end = runs
+        .checked_mul(RUN_BYTES)
+        .and_then(|table| table.checked_add(HEADER_BYTES + ops_bytes))
+        .filter(|end| *end <= bytes.len())
+        .ok_or_else(layout)?;
+    let ops = decode_ops(&bytes[HEADER_BYTES..HEADER_BYTES + ops_bytes])?;
     let mut at = HEADER_BYTES + ops_bytes;
     let mut data_at = table_end.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
     let mut inline = Vec::with_capacity(runs);
@@ -249,14 +262,17 @@ pub fn decode_record(bytes: &[u8], nonce: u64) -> Option<Record> {
         let start = le_u64(bytes, at);
         let len = le_u32(bytes, at + 8) as usize * BLOCK_BYTES;
         at += RUN_BYTES;
-        let end = data_at.checked_add(len)?;
-        if end > bytes.len() {
-            return None;
-        }
+        let end = data_at
+            .checked_add(len)
+            .filter(|end| *end <= bytes.len())
+            .ok_or_else(layout)?;
         inline.push((start, bytes[data_at..end].to_vec()));
         data_at = end;
     }
-    (data_at == bytes.len()).then_some(Record { seq, ops, inline })
+    if data_at != bytes.len() {
+        return Err(layout());
+    }
+    Ok(Record { seq, ops, inline })
 }
 
 /// Reads the records of the current lap, from block 0 of the journal: the
@@ -293,7 +309,7 @@ pub async fn scan<D: BlockDevice>(
             result.map_err(io)?;
             whole.to_vec()
         };
-        let Some(record) = decode_record(&bytes, nonce) else {
+        let Some(record) = decode_record(&bytes, nonce)? else {
             break;
         };
         records.push(record);
@@ -348,19 +364,42 @@ mod tests {
         let data: Vec<u8> = (0..2 * BLOCK_BYTES).map(|i| (i % 251) as u8).collect();
         let buf = record(77, 5, &data);
         assert_eq!(buf.len(), 3 * BLOCK_BYTES, "one header block, two data");
-        let decoded = decode_record(&buf, 77).expect("valid record");
+        let decoded = decode_record(&buf, 77)
+            .expect("decodes")
+            .expect("valid record");
         assert_eq!(decoded.seq, 5);
         assert_eq!(format!("{:?}", decoded.ops), format!("{:?}", sample_ops()));
         assert_eq!(decoded.inline, vec![(1234, data.clone())]);
 
-        assert!(decode_record(&buf, 78).is_none(), "another store's nonce");
+        assert!(
+            decode_record(&buf, 78).expect("decodes").is_none(),
+            "another store's nonce"
+        );
         let mut torn = buf.clone();
         torn[2 * BLOCK_BYTES..].fill(0);
-        assert!(decode_record(&torn, 77).is_none(), "last block not written");
+        assert!(
+            decode_record(&torn, 77).expect("decodes").is_none(),
+            "last block not written"
+        );
         let mut flipped = buf.clone();
         flipped[100] ^= 1;
-        assert!(decode_record(&flipped, 77).is_none(), "a flipped bit");
-        assert!(decode_record(&buf[..2 * BLOCK_BYTES], 77).is_none());
+        assert!(
+            decode_record(&flipped, 77).expect("decodes").is_none(),
+            "a flipped bit"
+        );
+        assert!(
+            decode_record(&buf[..2 * BLOCK_BYTES], 77)
+                .expect("decodes")
+                .is_none()
+        );
+        // A record whose checksum holds but whose changes this code cannot
+        // read is an error, not the end of the journal.
+        let mut unknown = vec![0u8; BLOCK_BYTES];
+        fill_record(&mut unknown, 77, 6, &[9, 9, 9], &[]);
+        assert!(matches!(
+            decode_record(&unknown, 77),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[tokio::test]

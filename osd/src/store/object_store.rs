@@ -1431,7 +1431,7 @@ impl<D: BlockDevice> Committer<D> {
             if checkpoint || self.unsynced.overflow {
                 self.checkpoint(ops, free, inline).await
             } else if sync {
-                self.commit_journaled(ops, free, inline).await
+                self.commit_journaled(ops, free, inline, needs_flush).await
             } else {
                 self.apply_unsynced(ops, free, needs_flush, true)
             }
@@ -1520,63 +1520,90 @@ impl<D: BlockDevice> Committer<D> {
     }
 
     /// A durable group with a journal: one record (the changes left
-    /// unsynced before, the group's changes, its inline data) written with
-    /// RWF_DSYNC while the inline data goes to its blocks; then the group's
-    /// RocksDB batch, unsynced, marking the record applied.
+    /// unsynced before, the group's changes, its inline data) while the
+    /// inline data goes to its blocks; then the group's RocksDB batch,
+    /// unsynced, marking the record applied.
+    ///
+    /// When nothing but inline data was written since the last flush, the
+    /// record is one RWF_DSYNC write. Otherwise (`data_before`: data of
+    /// larger or buffered writes), it is a plain write followed by a device
+    /// flush: a FUA write would make the record durable but not that data.
     async fn commit_journaled(
         &mut self,
         ops: Vec<MetaOp>,
         free: Vec<u64>,
-        inline: Vec<(u64, IoBuf)>,
+        mut inline: Vec<(u64, IoBuf)>,
+        data_before: bool,
     ) -> Result<(), String> {
-        let inline_blocks: usize = inline.iter().map(|(_, b)| b.len() / BLOCK_BYTES).sum();
-        let encode = |unsynced: &[MetaOp]| {
+        let mut flush_after = data_before || self.unsynced.data;
+        let encode = |unsynced: &[MetaOp], inline: &[(u64, IoBuf)]| {
+            let inline_blocks: usize = inline.iter().map(|(_, b)| b.len() / BLOCK_BYTES).sum();
             let mut encoded = Vec::with_capacity((unsynced.len() + ops.len()) * 48);
             journal::encode_ops(unsynced, &mut encoded);
             journal::encode_ops(&ops, &mut encoded);
             let blocks = journal::record_blocks(encoded.len(), inline.len(), inline_blocks);
-            (encoded, blocks)
+            (encoded, blocks as u64)
         };
-        let (mut encoded, mut blocks) = encode(&self.unsynced.ops);
         let (capacity, room) = {
             let journal = self.journal()?;
             (journal.blocks, journal.blocks - journal.next_block)
         };
-        if blocks * BLOCK_BYTES > MAX_RECORD_BYTES || blocks as u64 > capacity {
+        let max_blocks = capacity.min((MAX_RECORD_BYTES / BLOCK_BYTES) as u64);
+        let (mut encoded, mut blocks) = encode(&self.unsynced.ops, &inline);
+        if blocks > max_blocks && !inline.is_empty() {
+            // Too much inline data for one record (a large group of small
+            // writes): their data goes to its blocks now, the record holds
+            // the changes only and the flush after it covers the data.
+            write_home(&self.device, std::mem::take(&mut inline)).await?;
+            flush_after = true;
+            (encoded, blocks) = encode(&self.unsynced.ops, &inline);
+        }
+        if blocks > max_blocks {
             return self.checkpoint(ops, free, inline).await;
         }
-        if blocks as u64 > room {
+        if blocks > room {
             // The lap is full: end it (the unsynced changes become durable
             // with it), then this record starts the next one.
             self.checkpoint(Vec::new(), Vec::new(), Vec::new()).await?;
-            (encoded, blocks) = encode(&[]);
+            flush_after = false;
+            (encoded, blocks) = encode(&[], &inline);
         }
         let (nonce, seq, at) = {
             let journal = self.journal()?;
             (journal.nonce, journal.next_seq, journal.next_block)
         };
-        let mut record = self.device.buffer(blocks * BLOCK_BYTES);
+        let mut record = self.device.buffer(blocks as usize * BLOCK_BYTES);
         {
             let runs: Vec<(u64, &[u8])> = inline.iter().map(|(b, buf)| (*b, &buf[..])).collect();
             journal::fill_record(&mut record, nonce, seq, &encoded, &runs);
         }
-        let inline_starts: Vec<(u64, u64)> = inline
+        let inline_runs: Vec<(u64, u64)> = inline
             .iter()
             .map(|(b, buf)| (*b, (buf.len() / BLOCK_BYTES) as u64))
             .collect();
-        let home = join_all(inline.into_iter().map(|(b, buf)| self.device.write(b, buf)));
-        let ((_, written), home) = tokio::join!(self.device.write_durable(at, record), home);
-        written.map_err(|e| format!("journal write failed: {e}"))?;
-        if let Some(e) = home.into_iter().find_map(|(_, r)| r.err()) {
-            return Err(format!("data write failed: {e}"));
-        }
+        let record_write = async {
+            if flush_after {
+                let (_, written) = self.device.write(at, record).await;
+                written.map_err(|e| format!("journal write failed: {e}"))?;
+                self.device
+                    .flush()
+                    .await
+                    .map_err(|e| format!("flush after journal write failed: {e}"))
+            } else {
+                let (_, written) = self.device.write_durable(at, record).await;
+                written.map_err(|e| format!("journal write failed: {e}"))
+            }
+        };
+        let (written, home) = tokio::join!(record_write, write_home(&self.device, inline));
+        written?;
+        home?;
         self.meta
             .write_marked(&ops, Some(seq), None, false)
             .map_err(|e| format!("metadata commit failed: {e}"))?;
         let journal = self.journal()?;
-        journal.next_block += blocks as u64;
+        journal.next_block += blocks;
         journal.next_seq += 1;
-        for (start, len) in inline_starts {
+        for (start, len) in inline_runs {
             journal.lap_inline.extend(start..start + len);
         }
         let unsynced = std::mem::take(&mut self.unsynced);
@@ -1607,10 +1634,7 @@ impl<D: BlockDevice> Committer<D> {
         free: Vec<u64>,
         inline: Vec<(u64, IoBuf)>,
     ) -> Result<(), String> {
-        let home = join_all(inline.into_iter().map(|(b, buf)| self.device.write(b, buf))).await;
-        if let Some(e) = home.into_iter().find_map(|(_, r)| r.err()) {
-            return Err(format!("data write failed: {e}"));
-        }
+        write_home(&self.device, inline).await?;
         let lap = self.journal()?.next_seq;
         commit_group(&self.device, &self.meta, ops, true, true, Some(lap)).await?;
         self.checkpoints.fetch_add(1, Ordering::AcqRel);
@@ -1624,6 +1648,18 @@ impl<D: BlockDevice> Committer<D> {
             allocator.free(block);
         }
         Ok(())
+    }
+}
+
+/// Writes inline data to its blocks (plain writes, all at once).
+async fn write_home<D: BlockDevice>(
+    device: &Arc<D>,
+    inline: Vec<(u64, IoBuf)>,
+) -> Result<(), String> {
+    let results = join_all(inline.into_iter().map(|(b, buf)| device.write(b, buf))).await;
+    match results.into_iter().find_map(|(_, r)| r.err()) {
+        Some(e) => Err(format!("data write failed: {e}")),
+        None => Ok(()),
     }
 }
 

@@ -420,10 +420,11 @@ fn build_entry(request: &Request) -> io_uring::squeue::Entry {
     match (&request.kind, &request.buf) {
         (Kind::Write { block, dsync }, Some(buf)) => {
             let offset = block * BLOCK_BYTES as u64;
-            // RWF_DSYNC on an O_DIRECT write: the kernel writes with FUA or
-            // follows with the file's fdatasync (a device flush, and a
-            // file-system journal commit if the file's extents changed), so
-            // writes to the file that completed before are durable too.
+            // RWF_DSYNC on an O_DIRECT write: the kernel writes with FUA
+            // (this write durable, nothing else) or follows with the file's
+            // fdatasync (a device flush, and a file-system journal commit if
+            // the file's extents changed). Callers that need earlier writes
+            // durable flush instead.
             let flags = if *dsync { libc::RWF_DSYNC } else { 0 };
             match buf.fixed_index() {
                 Some(index) => opcode::WriteFixed::new(file, buf.as_ptr(), buf.len() as u32, index)
