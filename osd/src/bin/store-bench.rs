@@ -10,7 +10,9 @@
 //! metadata in the unsynced WAL, as an NBD write without FUA; both are also
 //! run durable, as extra rows), random read QD1 and QD32. The store's
 //! working set and the raw file are both half of `--size` (copy-on-write
-//! needs free blocks) and both prefilled.
+//! needs free blocks) and both prefilled. Raw and store runs alternate for
+//! `--rounds` rounds; each row shows the round with the median ratio and
+//! lists every round's ratio.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -38,8 +40,8 @@ struct Args {
     /// Store size, e.g. 4G; the working set is half of it.
     #[arg(long, default_value = "4G")]
     size: String,
-    /// Seconds per workload.
-    #[arg(long, default_value_t = 8)]
+    /// Seconds per workload and round.
+    #[arg(long, default_value_t = 5)]
     runtime: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -47,6 +49,11 @@ struct Args {
     /// Run only the workloads whose name contains this (e.g. "qd1").
     #[arg(long)]
     only: Option<String>,
+    /// Rounds of raw fio and store runs, alternated; each row reports the
+    /// round with the median ratio (this machine's speed drifts by tens of
+    /// percent between runs a few seconds apart).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,6 +64,8 @@ struct Row {
     raw: Figures,
     store: Figures,
     ratio: f64,
+    /// Every round's ratio, sorted; the row shows the median round.
+    round_ratios: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -135,8 +144,6 @@ fn main() -> anyhow::Result<()> {
         {
             continue;
         }
-        progress(&format!("{}: raw fio", workload.name));
-        let raw = raw::run(&raw_file, working_set, &workload, args.runtime)?;
         // The store makes the promise raw fio's job makes; unsynced raw
         // writes are also compared with durable store writes.
         let mut modes = vec![if workload.fdatasync {
@@ -147,20 +154,36 @@ fn main() -> anyhow::Result<()> {
         if workload.write && !workload.fdatasync {
             modes.push(Durability::Durable);
         }
-        for (n, durability) in modes.into_iter().enumerate() {
-            let label = match (workload.write, durability) {
-                (false, _) => "-",
-                (true, Durability::Durable) => "durable",
-                (true, Durability::Buffered) => "buffered",
-            };
-            progress(&format!("{}: store ({label})", workload.name));
-            let store_figures = runtime.block_on(store_run(
-                store.clone(),
-                working_set,
-                workload,
-                durability,
-                Duration::from_secs(args.runtime),
-            ))?;
+        let rounds = args.rounds.max(1);
+        // Per mode, per round: (raw, store).
+        let mut runs: Vec<Vec<(Figures, Figures)>> = vec![Vec::new(); modes.len()];
+        for round in 1..=rounds {
+            progress(&format!(
+                "{}: raw fio (round {round}/{rounds})",
+                workload.name
+            ));
+            let raw = raw::run(&raw_file, working_set, &workload, args.runtime)?;
+            for (n, durability) in modes.iter().enumerate() {
+                progress(&format!(
+                    "{}: store ({}, round {round}/{rounds})",
+                    workload.name,
+                    mode_label(workload.write, *durability)
+                ));
+                let store_figures = runtime.block_on(store_run(
+                    store.clone(),
+                    working_set,
+                    workload,
+                    *durability,
+                    Duration::from_secs(args.runtime),
+                ))?;
+                runs[n].push((raw, store_figures));
+            }
+        }
+        for (n, (durability, mut pairs)) in modes.into_iter().zip(runs).enumerate() {
+            let label = mode_label(workload.write, durability);
+            let ratio = |(raw, store): &(Figures, Figures)| store.iops / raw.iops.max(1e-9);
+            pairs.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+            let (raw, store_figures) = pairs[pairs.len() / 2];
             rows.push(Row {
                 workload: if n == 0 {
                     workload.name.to_string()
@@ -171,6 +194,7 @@ fn main() -> anyhow::Result<()> {
                 raw,
                 ratio: store_figures.iops / raw.iops.max(1e-9),
                 store: store_figures,
+                round_ratios: pairs.iter().map(ratio).collect(),
             });
         }
     }
@@ -206,6 +230,14 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&args.dir);
     Ok(())
+}
+
+fn mode_label(write: bool, durability: Durability) -> &'static str {
+    match (write, durability) {
+        (false, _) => "-",
+        (true, Durability::Durable) => "durable",
+        (true, Durability::Buffered) => "buffered",
+    }
 }
 
 fn progress(step: &str) {
@@ -331,7 +363,7 @@ async fn store_run(
 
 fn print_table(report: &Report) {
     println!(
-        "{:<30} {:>9} {:>11} {:>11} {:>7} {:>10} {:>10} {:>10} {:>10}",
+        "{:<30} {:>9} {:>11} {:>11} {:>7} {:>10} {:>10} {:>10} {:>10}  rounds",
         "workload",
         "store ack",
         "raw IOPS",
@@ -344,7 +376,7 @@ fn print_table(report: &Report) {
     );
     for row in &report.rows {
         println!(
-            "{:<30} {:>9} {:>11.0} {:>11.0} {:>7.2} {:>8.0}us {:>8.0}us {:>8.0}us {:>8.0}us",
+            "{:<30} {:>9} {:>11.0} {:>11.0} {:>7.2} {:>8.0}us {:>8.0}us {:>8.0}us {:>8.0}us  {}",
             row.workload,
             row.store_writes,
             row.raw.iops,
@@ -354,6 +386,11 @@ fn print_table(report: &Report) {
             row.store.latency_us_mean,
             row.raw.latency_us_p99,
             row.store.latency_us_p99,
+            row.round_ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
         );
     }
     println!();

@@ -664,22 +664,32 @@ impl<D: BlockDevice> ObjectStore<D> {
     /// commit. The caller holds the object's lock, so an exclusive block
     /// cannot become shared meanwhile.
     async fn release(&self, disk_blocks: Vec<u64>) -> Result<Release<'_>, StoreError> {
-        let (shared, free): (Vec<u64>, Vec<u64>) = {
+        let partition = |disk_blocks: Vec<u64>| -> (Vec<u64>, Vec<u64>) {
             let allocator = self.allocator();
             disk_blocks
                 .into_iter()
                 .partition(|b| allocator.is_shared(*b))
         };
+        let (shared, free) = partition(disk_blocks);
+        if shared.is_empty() {
+            return Ok(Release {
+                ops: Vec::new(),
+                free,
+                unshare: Vec::new(),
+                _refs: None,
+            });
+        }
+        let refs = self.inner.refs_lock.lock().await;
+        // Tell shared from exclusive again under the lock: another object
+        // sharing a block may have dropped its reference (and unshared the
+        // block) while we waited.
+        let (shared, now_exclusive) = partition(shared);
         let mut release = Release {
             ops: Vec::new(),
-            free,
+            free: free.into_iter().chain(now_exclusive).collect(),
             unshare: Vec::new(),
-            _refs: None,
+            _refs: Some(refs),
         };
-        if shared.is_empty() {
-            return Ok(release);
-        }
-        release._refs = Some(self.inner.refs_lock.lock().await);
         for disk_block in shared {
             let count = self.inner.meta.block_ref(disk_block)?.ok_or_else(|| {
                 StoreError::Corrupt(format!(

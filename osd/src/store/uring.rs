@@ -27,6 +27,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use io_uring::{IoUring, opcode, types};
@@ -79,8 +80,8 @@ struct Request {
 /// runtime it was opened on.
 pub struct UringDevice {
     ring: Arc<Mutex<Ring>>,
-    /// The ring's descriptor, for `io_uring_enter` outside the lock.
-    ring_fd: RawFd,
+    /// Calls `io_uring_enter` outside the lock, one thread at a time.
+    submitter: Arc<Submitter>,
     pool: BufferPool,
     block_count: u64,
     reaper: tokio::task::JoinHandle<()>,
@@ -107,17 +108,20 @@ impl UringDevice {
         let event = unsafe { OwnedFd::from_raw_fd(raw) };
         let depth = config.io_depth_max.max(8);
         let ring = Ring::new(file, &event, depth, &pool)?;
-        let ring_fd = ring.ring.as_raw_fd();
+        let submitter = Arc::new(Submitter {
+            ring_fd: ring.ring.as_raw_fd(),
+            pending: AtomicUsize::new(0),
+        });
         let ring = Arc::new(Mutex::new(ring));
         // SAFETY: the OwnedFd is a valid open eventfd that the AsyncFd owns
         // for its whole life, so the descriptor stays the same.
         let event =
             unsafe { AsyncFd::register_with_interest(event, tokio::io::Interest::READABLE) }
                 .map_err(io::Error::from)?;
-        let reaper = tokio::spawn(reap(ring.clone(), event));
+        let reaper = tokio::spawn(reap(ring.clone(), submitter.clone(), event));
         Ok(UringDevice {
             ring,
-            ring_fd,
+            submitter,
             pool,
             block_count,
             reaper,
@@ -134,7 +138,7 @@ impl UringDevice {
         }
         // Outside the lock: the submission runs the block layer inline
         // (long in a VM), and another thread may push meanwhile.
-        submit(self.ring_fd);
+        self.submitter.kick();
         match wait.await {
             Ok(result) => result,
             Err(_) => (None, Err(io::Error::other("the ring dropped a request"))),
@@ -151,7 +155,7 @@ impl Drop for UringDevice {
 }
 
 /// Drains completions whenever the ring's eventfd fires.
-async fn reap(ring: Arc<Mutex<Ring>>, event: AsyncFd<OwnedFd>) {
+async fn reap(ring: Arc<Mutex<Ring>>, submitter: Arc<Submitter>, event: AsyncFd<OwnedFd>) {
     loop {
         let mut ready = match event.readable().await {
             Ok(ready) => ready,
@@ -173,13 +177,44 @@ async fn reap(ring: Arc<Mutex<Ring>>, event: AsyncFd<OwnedFd>) {
         // Cleared before draining: a completion posted from here on fires
         // the eventfd again.
         ready.clear_ready();
-        let ring_fd = {
+        {
             let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
             ring.reap();
             ring.push_backlog();
-            ring.ring.as_raw_fd()
-        };
-        submit(ring_fd);
+        }
+        submitter.kick();
+    }
+}
+
+/// Submits the ring's queued entries from whichever thread asks, one thread
+/// at a time: `io_uring_enter` takes the ring's kernel mutex, and two
+/// threads submitting at once spun on it (6% of the OSD's CPU at QD32). A
+/// thread that finds a submission running leaves its entries to that one,
+/// which goes round again before it stops.
+struct Submitter {
+    ring_fd: RawFd,
+    /// Kicks not yet covered by a submission; nonzero while one runs.
+    pending: AtomicUsize,
+}
+
+impl Submitter {
+    fn kick(&self) {
+        if self.pending.fetch_add(1, Ordering::AcqRel) != 0 {
+            // The running submitter sees this kick and submits again; the
+            // entries were published (under the ring lock) before it.
+            return;
+        }
+        loop {
+            let seen = self.pending.load(Ordering::Acquire);
+            submit(self.ring_fd);
+            if self
+                .pending
+                .compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return;
+            }
+        }
     }
 }
 
