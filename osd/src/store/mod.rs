@@ -24,6 +24,7 @@ pub mod device;
 pub mod error;
 pub mod journal;
 pub mod keys;
+pub mod map_cache;
 pub mod meta;
 pub mod object_store;
 pub mod uring;
