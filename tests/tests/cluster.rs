@@ -220,7 +220,11 @@ async fn replicated_volume_round_trip_and_restart() {
         let errors: Vec<&str> = text
             .lines()
             .filter(|l| l.contains(" ERROR "))
-            .filter(|l| !l.contains("Unreachable") && !l.contains("connect"))
+            // Peers restarting make raft RPCs fail for a moment (openraft
+            // logs those at ERROR): expected here, not a fault.
+            .filter(|l| {
+                !l.contains("Unreachable") && !l.contains("connect") && !l.contains("NetworkError")
+            })
             .collect();
         assert!(
             errors.is_empty(),

@@ -883,7 +883,6 @@ impl<D: BlockDevice> ObjectStore<D> {
         let first = (offset / BLOCK_BYTES as u64) as u32;
         let count = (len / BLOCK_BYTES as u64) as u32;
         let entries = self.entries(key, first, count)?;
-        let mut out = BytesMut::zeroed(len as usize);
 
         // Group consecutive object blocks stored in consecutive disk blocks.
         let mut runs: Vec<(u32, u64, u32)> = Vec::new(); // (slot, disk, len)
@@ -905,6 +904,13 @@ impl<D: BlockDevice> ObjectStore<D> {
             self.inner.device.read(*disk, buf)
         });
         let results = join_all(reads).await;
+        let whole = runs.len() == 1 && runs[0].2 == count;
+        let mut out = if whole {
+            BytesMut::new()
+        } else {
+            BytesMut::zeroed(len as usize)
+        };
+        let mut only = None;
         for ((slot, disk, run_len), (buf, result)) in runs.iter().zip(results) {
             result.map_err(|source| StoreError::Io {
                 op: "read data",
@@ -924,11 +930,22 @@ impl<D: BlockDevice> ObjectStore<D> {
                         actual,
                     });
                 }
-                out[slot_index * BLOCK_BYTES..(slot_index + 1) * BLOCK_BYTES]
-                    .copy_from_slice(block);
+                if !whole {
+                    out[slot_index * BLOCK_BYTES..(slot_index + 1) * BLOCK_BYTES]
+                        .copy_from_slice(block);
+                }
+            }
+            if whole {
+                only = Some(buf);
             }
         }
-        Ok(out.freeze())
+        // One run that covers the range (the common case): hand out the
+        // I/O buffer itself, no copy; it goes back to the pool when the
+        // caller drops the bytes.
+        match only {
+            Some(buf) => Ok(Bytes::from_owner(buf)),
+            None => Ok(out.freeze()),
+        }
     }
 
     /// Makes a range read as zeros. With `allocate`, zero blocks are written
