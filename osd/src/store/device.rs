@@ -178,6 +178,33 @@ impl MemDevice {
     }
 }
 
+impl MemDevice {
+    /// A write: into the volatile cache, or (`durable`, a FUA write)
+    /// straight to what survives a power loss.
+    fn store_blocks(&self, block: u64, buf: IoBuf, durable: bool) -> (IoBuf, io::Result<()>) {
+        if let Err(e) = check_range(block, buf.len(), self.block_count) {
+            return (buf, Err(e));
+        }
+        let mut state = self.state();
+        if state.powered_off || state.fail_writes {
+            return (buf, Err(eio()));
+        }
+        for (i, chunk) in buf.chunks(BLOCK_BYTES).enumerate() {
+            let b = block + i as u64;
+            let data = chunk.to_vec().into_boxed_slice();
+            if durable {
+                state.volatile.remove(&b);
+                state.durable.insert(b, data);
+            } else {
+                state.volatile.insert(b, data);
+            }
+        }
+        state.writes += 1;
+        drop(state);
+        (buf, Ok(()))
+    }
+}
+
 fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
 }
@@ -192,21 +219,7 @@ impl BlockDevice for MemDevice {
     }
 
     async fn write(&self, block: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
-        if let Err(e) = check_range(block, buf.len(), self.block_count) {
-            return (buf, Err(e));
-        }
-        let mut state = self.state();
-        if state.powered_off || state.fail_writes {
-            return (buf, Err(eio()));
-        }
-        for (i, chunk) in buf.chunks(BLOCK_BYTES).enumerate() {
-            state
-                .volatile
-                .insert(block + i as u64, chunk.to_vec().into_boxed_slice());
-        }
-        state.writes += 1;
-        drop(state);
-        (buf, Ok(()))
+        self.store_blocks(block, buf, false)
     }
 
     async fn write_durable(&self, block: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
@@ -217,21 +230,7 @@ impl BlockDevice for MemDevice {
                 Err(e) => (buf, Err(e)),
             };
         }
-        if let Err(e) = check_range(block, buf.len(), self.block_count) {
-            return (buf, Err(e));
-        }
-        let mut state = self.state();
-        if state.powered_off || state.fail_writes {
-            return (buf, Err(eio()));
-        }
-        for (i, chunk) in buf.chunks(BLOCK_BYTES).enumerate() {
-            let b = block + i as u64;
-            state.volatile.remove(&b);
-            state.durable.insert(b, chunk.to_vec().into_boxed_slice());
-        }
-        state.writes += 1;
-        drop(state);
-        (buf, Ok(()))
+        self.store_blocks(block, buf, true)
     }
 
     async fn read(&self, block: u64, mut buf: IoBuf) -> (IoBuf, io::Result<()>) {

@@ -9,8 +9,11 @@
 //!
 //! Coherence rests on the object locks: a map is loaded only under the
 //! object's lock (read or write), and every change to an object's block
-//! entries updates or drops its map while the writer still holds the write
-//! lock, after its commit returned (or failed).
+//! entries takes its map out before the change goes to the committer and
+//! puts it back (updated) only once the commit succeeded, still under the
+//! write lock. A caller cancelled while it waits leaves no map behind.
+//! A map is loaded on an object's second miss, so a pass over many objects
+//! costs point lookups, not whole-object loads that flush the cache.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,8 +25,17 @@ const SHARDS: usize = 16;
 /// One object's block map: `None` for holes.
 type BlockMap = Vec<Option<BlockEntry>>;
 
+/// One shard: cached maps, and objects missed once (a map is loaded on
+/// the second miss, so a scan over many objects does not flush the cache
+/// and cost a whole-object load per 4 KiB I/O).
+#[derive(Default)]
+struct Shard {
+    maps: HashMap<ObjectKey, BlockMap>,
+    missed: std::collections::HashSet<ObjectKey>,
+}
+
 pub struct MapCache {
-    shards: Vec<Mutex<HashMap<ObjectKey, BlockMap>>>,
+    shards: Vec<Mutex<Shard>>,
     per_shard: usize,
 }
 
@@ -31,12 +43,12 @@ impl MapCache {
     /// A cache of up to `objects` block maps (0: none kept).
     pub fn new(objects: usize) -> MapCache {
         MapCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             per_shard: objects.div_ceil(SHARDS),
         }
     }
 
-    fn shard(&self, key: &ObjectKey) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, BlockMap>> {
+    fn shard(&self, key: &ObjectKey) -> std::sync::MutexGuard<'_, Shard> {
         self.shards[stripe_of(key, SHARDS)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -45,9 +57,26 @@ impl MapCache {
     /// Entries `first .. first + count` of a cached map.
     pub fn get(&self, key: &ObjectKey, first: u32, count: u32) -> Option<Vec<Option<BlockEntry>>> {
         let shard = self.shard(key);
-        let map = shard.get(key)?;
+        let map = shard.maps.get(key)?;
         let (first, count) = (first as usize, count as usize);
         map.get(first..first + count).map(<[_]>::to_vec)
+    }
+
+    /// Whether a miss on `key` should load its whole map: on its second
+    /// miss (or while the cache has room).
+    pub fn admit(&self, key: &ObjectKey) -> bool {
+        if self.per_shard == 0 {
+            return false;
+        }
+        let mut shard = self.shard(key);
+        if shard.maps.len() < self.per_shard || shard.missed.remove(key) {
+            return true;
+        }
+        if shard.missed.len() >= self.per_shard {
+            shard.missed.clear();
+        }
+        shard.missed.insert(*key);
+        false
     }
 
     /// Keeps `map`, the whole block map of an object, dropping another one
@@ -57,36 +86,37 @@ impl MapCache {
             return;
         }
         let mut shard = self.shard(key);
-        if shard.len() >= self.per_shard
-            && !shard.contains_key(key)
-            && let Some(victim) = shard.keys().next().copied()
+        if shard.maps.len() >= self.per_shard
+            && !shard.maps.contains_key(key)
+            && let Some(victim) = shard.maps.keys().next().copied()
         {
-            shard.remove(&victim);
+            shard.maps.remove(&victim);
         }
-        shard.insert(*key, map);
+        shard.maps.insert(*key, map);
     }
 
-    /// Sets entries `first ..` of a cached map (after a committed write).
-    pub fn update(&self, key: &ObjectKey, first: u32, entries: &[BlockEntry]) {
-        let mut shard = self.shard(key);
-        let Some(map) = shard.get_mut(key) else {
+    /// Takes an object's map out (before a change is sent to the committer:
+    /// if the caller is cancelled while waiting, no map is left that the
+    /// change may have made stale).
+    pub fn take(&self, key: &ObjectKey) -> Option<BlockMap> {
+        self.shard(key).maps.remove(key)
+    }
+
+    /// Puts back a map taken before a committed write, with entries
+    /// `first ..` set to the write's.
+    pub fn put_back(&self, key: &ObjectKey, mut map: BlockMap, first: u32, entries: &[BlockEntry]) {
+        let first = first as usize;
+        let Some(slots) = map.get_mut(first..first + entries.len()) else {
             return;
         };
-        let first = first as usize;
-        match map.get_mut(first..first + entries.len()) {
-            Some(slots) => {
-                for (slot, entry) in slots.iter_mut().zip(entries) {
-                    *slot = Some(*entry);
-                }
-            }
-            None => {
-                shard.remove(key);
-            }
+        for (slot, entry) in slots.iter_mut().zip(entries) {
+            *slot = Some(*entry);
         }
+        self.insert(key, map);
     }
 
     /// Forgets an object's map.
     pub fn invalidate(&self, key: &ObjectKey) {
-        self.shard(key).remove(key);
+        self.shard(key).maps.remove(key);
     }
 }

@@ -483,16 +483,18 @@ impl<D: BlockDevice> ObjectStore<D> {
         if let Some(entries) = self.inner.maps.get(key, first, count) {
             return Ok(entries);
         }
-        if self.inner.config.map_cache_objects == 0 {
+        if !self.inner.maps.admit(key) {
             return self.inner.meta.blocks(key, first, count);
         }
         let blocks = (self.inner.config.max_object_bytes / BLOCK_BYTES as u64) as usize;
         let mut map = vec![None; blocks];
         for (index, entry) in self.inner.meta.object_blocks(key)? {
-            let slot = map.get_mut(index as usize).ok_or_else(|| {
-                StoreError::Corrupt(format!("{key} has block {index}, past its largest size"))
-            })?;
-            *slot = Some(entry);
+            // Blocks past today's largest object (a smaller
+            // `max_object_bytes` than when written) are out of every range
+            // a request may name; fsck still sees them.
+            if let Some(slot) = map.get_mut(index as usize) {
+                *slot = Some(entry);
+            }
         }
         let (start, end) = (first as usize, first as usize + count as usize);
         let out = map
@@ -698,12 +700,12 @@ impl<D: BlockDevice> ObjectStore<D> {
         };
         // On failure whether the batch reached RocksDB is unknown: keep the
         // new blocks allocated (the store is failed; a restart rebuilds).
+        let map = self.inner.maps.take(key);
         let result = self
             .commit_release(ops, !inline, durability, release, buffers)
             .await;
-        match &result {
-            Ok(()) => self.inner.maps.update(key, first, &new_entries),
-            Err(_) => self.inner.maps.invalidate(key),
+        if let (Ok(()), Some(map)) = (&result, map) {
+            self.inner.maps.put_back(key, map, first, &new_entries);
         }
         result
     }
@@ -840,6 +842,9 @@ impl<D: BlockDevice> ObjectStore<D> {
             key: object_key(target),
             info: ObjectInfo { version },
         });
+        // Dropped before the commit is sent too: a caller cancelled while it
+        // waits must leave no map behind.
+        self.inner.maps.invalidate(target);
         let result = self
             .commit(ops, false, Durability::Durable, Vec::new())
             .await;
@@ -904,7 +909,10 @@ impl<D: BlockDevice> ObjectStore<D> {
             self.inner.device.read(*disk, buf)
         });
         let results = join_all(reads).await;
-        let whole = runs.len() == 1 && runs[0].2 == count;
+        // One run covering a one-block range (the common 4 KiB read): the
+        // I/O buffer itself is handed out. Larger ones are copied: a caller
+        // holding them would pin the pool's few 1 MiB slots.
+        let whole = runs.len() == 1 && runs[0].2 == count && count == 1;
         let mut out = if whole {
             BytesMut::new()
         } else {
@@ -939,9 +947,7 @@ impl<D: BlockDevice> ObjectStore<D> {
                 only = Some(buf);
             }
         }
-        // One run that covers the range (the common case): hand out the
-        // I/O buffer itself, no copy; it goes back to the pool when the
-        // caller drops the bytes.
+        // The buffer goes back to the pool when the caller drops the bytes.
         match only {
             Some(buf) => Ok(Bytes::from_owner(buf)),
             None => Ok(out.freeze()),
@@ -1026,6 +1032,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         let release = self
             .release(old.into_iter().flatten().map(|e| e.disk_block).collect())
             .await?;
+        self.inner.maps.invalidate(key);
         let result = self
             .commit_release(ops, false, durability, release, Vec::new())
             .await;
@@ -1189,6 +1196,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         let release = self
             .release(blocks.iter().map(|(_, e)| e.disk_block).collect())
             .await?;
+        self.inner.maps.invalidate(key);
         let result = self
             .commit_release(ops, false, Durability::Durable, release, Vec::new())
             .await;
