@@ -36,13 +36,7 @@ pub trait BlockDevice: Send + Sync + 'static {
         block: u64,
         buf: IoBuf,
     ) -> impl Future<Output = (IoBuf, io::Result<()>)> + Send {
-        async move {
-            let (buf, result) = self.write(block, buf).await;
-            match result {
-                Ok(()) => (buf, self.flush().await),
-                Err(e) => (buf, Err(e)),
-            }
-        }
+        write_then_flush(self, block, buf)
     }
 
     /// Reads `buf.len()` bytes (a whole number of blocks) from `block`.
@@ -50,6 +44,19 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// A durable write on a device without FUA: the write, then a flush.
+async fn write_then_flush<D: BlockDevice + ?Sized>(
+    device: &D,
+    block: u64,
+    buf: IoBuf,
+) -> (IoBuf, io::Result<()>) {
+    let (buf, result) = device.write(block, buf).await;
+    match result {
+        Ok(()) => (buf, device.flush().await),
+        Err(e) => (buf, Err(e)),
+    }
 }
 
 /// Checks that an I/O of `len` bytes at `block` fits a device of
@@ -224,11 +231,7 @@ impl BlockDevice for MemDevice {
 
     async fn write_durable(&self, block: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
         if !self.state().fua {
-            let (buf, result) = self.write(block, buf).await;
-            return match result {
-                Ok(()) => (buf, self.flush().await),
-                Err(e) => (buf, Err(e)),
-            };
+            return write_then_flush(self, block, buf).await;
         }
         self.store_blocks(block, buf, true)
     }

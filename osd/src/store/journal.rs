@@ -191,8 +191,15 @@ pub fn fill_record(buf: &mut [u8], nonce: u64, seq: u64, ops: &[u8], inline: &[(
         at += data.len();
     }
     debug_assert_eq!(at, buf.len(), "record size");
-    let crc = crc32c::crc32c(buf);
+    let crc = record_crc(buf);
     buf[36..40].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The crc32c of a whole record, its own crc field read as zeros.
+fn record_crc(bytes: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&bytes[..36]);
+    let crc = crc32c::crc32c_append(crc, &[0; 4]);
+    crc32c::crc32c_append(crc, &bytes[40..])
 }
 
 fn le_u32(bytes: &[u8], at: usize) -> u32 {
@@ -232,9 +239,7 @@ pub fn decode_record(bytes: &[u8], nonce: u64) -> Result<Option<Record>, StoreEr
     if bytes.len() != blocks * BLOCK_BYTES {
         return Ok(None);
     }
-    let mut zeroed = bytes.to_vec();
-    zeroed[36..40].fill(0);
-    if crc32c::crc32c(&zeroed) != le_u32(bytes, 36) {
+    if record_crc(bytes) != le_u32(bytes, 36) {
         return Ok(None);
     }
     decode_body(bytes, seq).map(Some)
@@ -301,13 +306,13 @@ pub async fn scan<D: BlockDevice>(
             break;
         }
         let bytes = if blocks == 1 {
-            first.to_vec()
+            first
         } else {
             let (whole, result) = device
                 .read(block, device.buffer(blocks * BLOCK_BYTES))
                 .await;
             result.map_err(io)?;
-            whole.to_vec()
+            whole
         };
         let Some(record) = decode_record(&bytes, nonce)? else {
             break;

@@ -198,33 +198,13 @@ impl ObjectStore<UringDevice> {
         let block_count = size / BLOCK_BYTES as u64;
         let journal_blocks = journal::default_journal_blocks(block_count);
         if prezero {
-            use std::io::Write;
-            let chunk = vec![0u8; 4 << 20];
-            let mut writer = std::io::BufWriter::new(&file);
-            let mut left = size;
-            while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
-                writer
-                    .write_all(&chunk[..n])
-                    .map_err(io("zero data file"))?;
-                left -= n as u64;
-            }
-            writer.flush().map_err(io("zero data file"))?;
+            write_zeros(&file, size).map_err(io("zero data file"))?;
         } else {
             file.set_len(size).map_err(io("size data file"))?;
             // The journal is rewritten all the time: written extents make
             // each record one data write and a flush, with no extent
             // conversion to commit.
-            use std::io::Write;
-            let chunk = vec![0u8; 1 << 20];
-            let mut writer = std::io::BufWriter::new(&file);
-            let mut left = journal_blocks * BLOCK_BYTES as u64;
-            while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
-                writer.write_all(&chunk[..n]).map_err(io("zero journal"))?;
-                left -= n as u64;
-            }
-            writer.flush().map_err(io("zero journal"))?;
+            write_zeros(&file, journal_blocks * BLOCK_BYTES as u64).map_err(io("zero journal"))?;
         }
         file.sync_all().map_err(io("sync data file"))?;
         let meta = MetaStore::open(&meta_path)?;
@@ -912,7 +892,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         // One run covering a one-block range (the common 4 KiB read): the
         // I/O buffer itself is handed out. Larger ones are copied: a caller
         // holding them would pin the pool's few 1 MiB slots.
-        let whole = runs.len() == 1 && runs[0].2 == count && count == 1;
+        let whole = count == 1 && runs.len() == 1;
         let mut out = if whole {
             BytesMut::new()
         } else {
@@ -1526,7 +1506,7 @@ impl<D: BlockDevice> Committer<D> {
             } else if sync {
                 self.commit_journaled(ops, free, inline, needs_flush).await
             } else {
-                self.apply_unsynced(ops, free, needs_flush, true)
+                self.apply_unsynced(ops, free, needs_flush)
             }
         } else {
             self.commit_plain(ops, free, needs_flush, sync).await
@@ -1558,7 +1538,8 @@ impl<D: BlockDevice> Committer<D> {
             .await
             .map_err(|e| format!("metadata commit task failed: {e}"))?
             .map_err(|e| format!("metadata commit failed: {e}"))?;
-            return self.note_unsynced(Vec::new(), free, needs_flush, false);
+            self.note_unsynced(Vec::new(), free, needs_flush);
+            return Ok(());
         }
         commit_group(&self.device, &self.meta, ops, flush_data, true, None).await?;
         let unsynced = std::mem::take(&mut self.unsynced);
@@ -1576,21 +1557,18 @@ impl<D: BlockDevice> Committer<D> {
         ops: Vec<MetaOp>,
         free: Vec<u64>,
         needs_flush: bool,
-        keep_ops: bool,
     ) -> Result<(), String> {
         self.meta
             .write(&ops, false)
             .map_err(|e| format!("metadata commit failed: {e}"))?;
-        self.note_unsynced(ops, free, needs_flush, keep_ops)
+        self.note_unsynced(ops, free, needs_flush);
+        Ok(())
     }
 
-    fn note_unsynced(
-        &mut self,
-        ops: Vec<MetaOp>,
-        free: Vec<u64>,
-        needs_flush: bool,
-        keep_ops: bool,
-    ) -> Result<(), String> {
+    /// Records a change applied without a sync; with a journal, its
+    /// metadata changes are kept for the next record.
+    fn note_unsynced(&mut self, ops: Vec<MetaOp>, free: Vec<u64>, needs_flush: bool) {
+        let keep_ops = self.journal.is_some();
         let unsynced = &mut self.unsynced;
         unsynced.since.get_or_insert_with(Instant::now);
         unsynced.data |= needs_flush;
@@ -1603,7 +1581,6 @@ impl<D: BlockDevice> Committer<D> {
                 unsynced.ops.extend(ops);
             }
         }
-        Ok(())
     }
 
     fn journal(&mut self) -> Result<&mut JournalState, String> {
@@ -1742,6 +1719,20 @@ impl<D: BlockDevice> Committer<D> {
         }
         Ok(())
     }
+}
+
+/// Writes `len` zero bytes at the start of `file`.
+fn write_zeros(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let chunk = vec![0u8; 4 << 20];
+    let mut writer = std::io::BufWriter::new(file);
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        writer.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    writer.flush()
 }
 
 /// Writes inline data to its blocks (plain writes, all at once).
