@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 /// runs every task (many daemons share few cores: on the dev cluster's two
 /// cores this saved a fifth of the context switches per NBD read and gave
 /// 5-25% more IOPS than two workers); `BASALT_WORKER_THREADS=N` gives N
-/// worker threads instead. Disk I/O has its own ring thread and RocksDB
-/// commits run on the blocking pool either way.
+/// worker threads instead. Disk I/O is submitted from the runtime's own
+/// threads (io_uring); some RocksDB work runs on the blocking pool.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let threads: usize = std::env::var("BASALT_WORKER_THREADS")
         .ok()

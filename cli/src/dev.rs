@@ -42,6 +42,11 @@ pub struct UpArgs {
     /// NBD gateway port on each node.
     #[arg(long, default_value_t = 10809)]
     nbd_port: u16,
+    /// Run each node's NBD gateway as its own process (`basalt nbd`)
+    /// instead of inside the node's first OSD process (`basalt osd --nbd`),
+    /// where it reaches that OSD without a socket.
+    #[arg(long)]
+    separate_gateways: bool,
     /// Seconds to wait for the cluster to be healthy.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -69,6 +74,20 @@ pub struct DaemonRecord {
     pub pid: u32,
     pub log: PathBuf,
     pub args: Vec<String>,
+    /// The NBD address this process serves besides its own role (an OSD
+    /// with its node's gateway inside); a `nbd` daemon serves at `addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
+}
+
+impl DaemonRecord {
+    /// The NBD address this process serves, if any.
+    pub fn nbd_addr(&self) -> Option<&str> {
+        match self.kind.as_str() {
+            "nbd" => Some(&self.addr),
+            _ => self.nbd.as_deref(),
+        }
+    }
 }
 
 /// `DIR/cluster.json`.
@@ -142,6 +161,7 @@ fn plan(args: &UpArgs, dir: &Path) -> anyhow::Result<ClusterRecord> {
             addr: addr.clone(),
             pid: 0,
             log: logs.join(format!("mon{i}.log")),
+            nbd: None,
             args: vec![
                 "mon".into(),
                 "--id".into(),
@@ -163,29 +183,42 @@ fn plan(args: &UpArgs, dir: &Path) -> anyhow::Result<ClusterRecord> {
         for j in 0..args.osds_per_node {
             let addr = format!("127.0.1.{i}:{}", args.osd_port + j as u16);
             let name = format!("osd-node{i}-{j}");
+            // The node's gateway lives in its first OSD's process.
+            let nbd = (j == 0 && !args.separate_gateways)
+                .then(|| format!("127.0.1.{i}:{}", args.nbd_port));
+            let mut osd_args = vec![
+                "--mon".into(),
+                monitors.join(","),
+                "osd".into(),
+                "--data".into(),
+                dir.join(&name).display().to_string(),
+                "--listen".into(),
+                addr.clone(),
+                "--host".into(),
+                format!("node{i}"),
+                "--size".into(),
+                size.to_string(),
+            ];
+            if let Some(nbd) = &nbd {
+                osd_args.extend(["--nbd".into(), nbd.clone()]);
+            }
             daemons.push(DaemonRecord {
                 kind: "osd".into(),
                 name: name.clone(),
-                addr: addr.clone(),
+                addr,
                 pid: 0,
                 log: logs.join(format!("{name}.log")),
-                args: vec![
-                    "--mon".into(),
-                    monitors.join(","),
-                    "osd".into(),
-                    "--data".into(),
-                    dir.join(&name).display().to_string(),
-                    "--listen".into(),
-                    addr,
-                    "--host".into(),
-                    format!("node{i}"),
-                    "--size".into(),
-                    size.to_string(),
-                ],
+                args: osd_args,
+                nbd,
             });
         }
     }
-    for i in 1..=args.nodes {
+    let separate_gateways = if args.separate_gateways {
+        args.nodes
+    } else {
+        0
+    };
+    for i in 1..=separate_gateways {
         let addr = format!("127.0.1.{i}:{}", args.nbd_port);
         daemons.push(DaemonRecord {
             kind: "nbd".into(),
@@ -193,6 +226,7 @@ fn plan(args: &UpArgs, dir: &Path) -> anyhow::Result<ClusterRecord> {
             addr: addr.clone(),
             pid: 0,
             log: logs.join(format!("nbd{i}.log")),
+            nbd: None,
             args: vec![
                 "--mon".into(),
                 monitors.join(","),
@@ -255,11 +289,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         record.nodes
     );
     println!("  monitors: {}", record.monitors.join(","));
-    if let Some(gateway) = record.daemons.iter().find(|d| d.kind == "nbd") {
-        println!(
-            "  volumes:  nbd://{}/<volume> (and every other node's gateway)",
-            gateway.addr
-        );
+    if let Some(gateway) = record.daemons.iter().find_map(|d| d.nbd_addr()) {
+        println!("  volumes:  nbd://{gateway}/<volume> (and every other node's gateway)");
     }
     println!("  state:    {}", record_path(&dir).display());
     println!("  logs:     {}", dir.join("logs").display());
@@ -341,12 +372,9 @@ async fn check(
             return Ok(Some(e.to_string()));
         }
     }
-    for gateway in record.daemons.iter().filter(|d| d.kind == "nbd") {
-        if tokio::net::TcpStream::connect(&gateway.addr).await.is_err() {
-            return Ok(Some(format!(
-                "NBD gateway {} not listening yet",
-                gateway.addr
-            )));
+    for gateway in record.daemons.iter().filter_map(|d| d.nbd_addr()) {
+        if tokio::net::TcpStream::connect(gateway).await.is_err() {
+            return Ok(Some(format!("NBD gateway {gateway} not listening yet")));
         }
     }
     Ok(None)

@@ -1,9 +1,10 @@
 //! `basalt nbd`: the NBD gateway of a node.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
-use basalt_client::{BlockClient, ClientConfig};
+use basalt_client::{BlockClient, ClientConfig, LocalOsd};
 use basalt_monitor::MonClient;
 use clap::Args;
 
@@ -19,19 +20,37 @@ pub struct NbdArgs {
 
 pub fn run_gateway(args: NbdArgs, mon: &str) -> anyhow::Result<()> {
     let mon = mon.to_string();
-    crate::daemon::run_until_signal("NBD gateway", move |shutdown| async move {
+    crate::daemon::run_until_signal("NBD gateway", move |shutdown| {
+        serve_gateway(args.listen, args.read_only, mon, None, shutdown)
+    })
+}
+
+/// Serves NBD on `listen` until `shutdown`. With `local`, requests for that
+/// OSD (the node daemon's own) are answered in this process, not over TCP.
+pub async fn serve_gateway(
+    listen: SocketAddr,
+    read_only: bool,
+    mon: String,
+    local: Option<(SocketAddr, Arc<dyn LocalOsd>)>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), GatewayError> {
+    {
         let client = BlockClient::connect(MonClient::from_list(&mon)?, ClientConfig::default())
             .await
             .context("connect to the cluster")?;
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let in_process = local.is_some();
+        if let Some((addr, osd)) = local {
+            client.set_local_osd(addr, osd);
+        }
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("listen on {}", args.listen))?;
-        tracing::info!(listen = %args.listen, "NBD gateway serving");
+            .with_context(|| format!("listen on {listen}"))?;
+        tracing::info!(%listen, in_process, "NBD gateway serving");
         let clients = basalt_client_nbd::Clients::default();
         // Report connected clients to the monitors every 2 s (shown by
         // `basalt status`).
         let reporter = MonClient::from_list(&mon)?;
-        let (listed, addr, stop) = (clients.clone(), args.listen.to_string(), shutdown.clone());
+        let (listed, addr, stop) = (clients.clone(), listen.to_string(), shutdown.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
             while !stop.is_cancelled() {
@@ -55,11 +74,11 @@ pub fn run_gateway(args: NbdArgs, mon: &str) -> anyhow::Result<()> {
                 }
             }
         });
-        basalt_client_nbd::serve(listener, client, args.read_only, clients, shutdown)
+        basalt_client_nbd::serve(listener, client, read_only, clients, shutdown)
             .await
             .context("serve NBD")?;
         Ok::<(), GatewayError>(())
-    })
+    }
 }
 
 /// anyhow errors carried through the daemon runner.

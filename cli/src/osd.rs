@@ -47,6 +47,11 @@ pub struct OsdArgs {
     /// then also copies one object at a time).
     #[arg(long, default_value = "32M")]
     recovery_bytes_per_sec_busy: String,
+    /// Also serve NBD on this address, in this process (a node daemon): the
+    /// gateway reaches this OSD without a socket, so volumes homed on this
+    /// host skip a network hop. Other OSDs are reached over TCP as usual.
+    #[arg(long)]
+    nbd: Option<SocketAddr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,7 +136,31 @@ fn run_daemon(args: OsdArgs, mon: &str) -> anyhow::Result<()> {
             ..basalt_osd::daemon::RecoveryConfig::default()
         },
     };
-    crate::daemon::run_until_signal("OSD", |shutdown| basalt_osd::daemon::run(config, shutdown))
+    let Some(nbd) = args.nbd else {
+        return crate::daemon::run_until_signal("OSD", |shutdown| {
+            basalt_osd::daemon::run(config, shutdown)
+        });
+    };
+    let mon = mon.to_string();
+    crate::daemon::run_until_signal("OSD and NBD gateway", move |shutdown| async move {
+        let (ready, local) = tokio::sync::oneshot::channel();
+        let osd = async {
+            basalt_osd::daemon::run_with_local(config, shutdown.clone(), Some(ready))
+                .await
+                .context("OSD")
+                .map_err(crate::nbd::GatewayError::from)
+        };
+        let gateway = async {
+            match local.await {
+                Ok(local) => {
+                    crate::nbd::serve_gateway(nbd, false, mon, Some(local), shutdown.clone()).await
+                }
+                // The OSD stopped before serving: its own error says why.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::try_join!(osd, gateway).map(|_| ())
+    })
 }
 
 fn fsck(data: PathBuf, json: bool) -> anyhow::Result<ExitCode> {

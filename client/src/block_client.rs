@@ -115,6 +115,13 @@ impl BlockClient {
         Ok(client)
     }
 
+    /// Sends requests for the OSD at `addr` to `osd` in this process instead
+    /// of over TCP (a node daemon's gateway and its own OSD). Returns false
+    /// if a local OSD was set already.
+    pub fn set_local_osd(&self, addr: SocketAddr, osd: Arc<dyn crate::LocalOsd>) -> bool {
+        self.pool.set_local(addr, osd)
+    }
+
     /// Returns the map the client routes with.
     pub fn map(&self) -> Arc<ClusterMap> {
         self.map.read().unwrap_or_else(|e| e.into_inner()).clone()

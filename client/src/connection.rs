@@ -5,14 +5,20 @@
 //! many requests share one TCP connection. A protocol error or a closed
 //! socket fails every request in flight and marks the connection dead; the
 //! pool opens a new one for the next request.
+//!
+//! A pool may also know one OSD that lives in the caller's own process
+//! ([`LocalOsd`]: a node daemon whose NBD gateway and OSD share a process).
+//! Requests to that OSD's address are handed to it directly, skipping the
+//! encoding, both checksums and two loopback socket hops.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use basalt_wire::{FLAG_REPLY, Frame, FrameCodec};
+use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -56,7 +62,7 @@ impl Connection {
         let writer_dead = dead.clone();
         tokio::spawn(async move {
             while let Some(frame) = queue.recv().await {
-                if let Err(e) = sink.send(frame).await {
+                if let Err(e) = send_batch(&mut sink, &mut queue, frame).await {
                     tracing::debug!(%addr, "connection write failed: {e}");
                     break;
                 }
@@ -149,13 +155,50 @@ impl Connection {
     }
 }
 
+/// Writes `first` and every other frame already queued, then flushes once:
+/// under load one `write` carries many frames instead of one each.
+pub async fn send_batch<S>(
+    sink: &mut S,
+    queue: &mut mpsc::Receiver<Frame>,
+    first: Frame,
+) -> Result<(), S::Error>
+where
+    S: futures::Sink<Frame> + Unpin,
+{
+    sink.feed(first).await?;
+    // A bound, so a steady stream still gets flushed.
+    for _ in 0..64 {
+        match queue.try_recv() {
+            Ok(frame) => sink.feed(frame).await?,
+            Err(_) => break,
+        }
+    }
+    sink.flush().await
+}
+
+/// An OSD in the caller's own process, answering request frames directly.
+pub trait LocalOsd: Send + Sync + 'static {
+    /// Answers one request frame; `None` when the OSD is shutting down.
+    /// The returned future must run the request to completion even if the
+    /// caller stops waiting (as a request sent over TCP would): implementors
+    /// spawn it.
+    fn call(&self, frame: Frame) -> BoxFuture<'static, Option<Frame>>;
+}
+
 /// Connections to OSDs by address, reopened when they die.
 #[derive(Default)]
 pub struct ConnectionPool {
     connections: tokio::sync::Mutex<HashMap<SocketAddr, Arc<Connection>>>,
+    local: OnceLock<(SocketAddr, Arc<dyn LocalOsd>)>,
 }
 
 impl ConnectionPool {
+    /// Routes requests for `addr` to `osd`, in this process, from now on.
+    /// Set once; a second call is ignored and returns false.
+    pub fn set_local(&self, addr: SocketAddr, osd: Arc<dyn LocalOsd>) -> bool {
+        self.local.set((addr, osd)).is_ok()
+    }
+
     /// Returns a live connection to `addr`, connecting if needed.
     pub async fn get(&self, addr: SocketAddr) -> Result<Arc<Connection>, ClientError> {
         let mut connections = self.connections.lock().await;
@@ -182,11 +225,102 @@ impl ConnectionPool {
         frame: Frame,
         timeout: Duration,
     ) -> Result<Frame, ClientError> {
+        if let Some((local, osd)) = self.local.get()
+            && *local == addr
+        {
+            return match tokio::time::timeout(timeout, osd.call(frame)).await {
+                Ok(Some(reply)) => Ok(reply),
+                Ok(None) => Err(ClientError::ConnectionLost { addr }),
+                Err(_) => Err(ClientError::Timeout { addr }),
+            };
+        }
         let connection = self.get(addr).await?;
         let reply = connection.call(frame, timeout).await;
         if reply.is_err() {
             self.forget(addr).await;
         }
         reply
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt_wire::Kind;
+    use bytes::Bytes;
+
+    /// Answers every request with its own payload reversed.
+    struct Echo;
+
+    impl LocalOsd for Echo {
+        fn call(&self, frame: Frame) -> BoxFuture<'static, Option<Frame>> {
+            Box::pin(async move {
+                let mut payload = frame.payload.to_vec();
+                payload.reverse();
+                Some(Frame {
+                    flags: FLAG_REPLY,
+                    payload: Bytes::from(payload),
+                    ..frame
+                })
+            })
+        }
+    }
+
+    fn ping(payload: &'static [u8]) -> Frame {
+        Frame {
+            kind: Kind::Ping,
+            flags: 0,
+            request_id: 0,
+            epoch: 1,
+            status: 0,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    /// Requests for the local OSD's address never touch a socket (nothing
+    /// listens there); requests for any other address still do.
+    #[tokio::test]
+    async fn the_local_osd_is_called_in_process_and_only_for_its_address() {
+        let pool = ConnectionPool::default();
+        // Bound and dropped: free, so a TCP attempt is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = closed.local_addr().unwrap();
+        let other = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        drop(closed);
+        assert!(pool.set_local(local, Arc::new(Echo)));
+        assert!(!pool.set_local(other, Arc::new(Echo)), "set only once");
+        let reply = pool
+            .call(local, ping(b"abc"), Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(&reply.payload[..], b"cba");
+        let remote = pool.call(other, ping(b"abc"), Duration::from_secs(1)).await;
+        assert!(
+            matches!(remote, Err(ClientError::Connect { addr, .. }) if addr == other),
+            "{remote:?}"
+        );
+    }
+
+    /// A local OSD that is gone (shutting down) looks like a lost
+    /// connection, which the block client retries.
+    #[tokio::test]
+    async fn a_stopped_local_osd_is_a_lost_connection() {
+        struct Gone;
+        impl LocalOsd for Gone {
+            fn call(&self, _: Frame) -> BoxFuture<'static, Option<Frame>> {
+                Box::pin(async { None })
+            }
+        }
+        let pool = ConnectionPool::default();
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        pool.set_local(addr, Arc::new(Gone));
+        let reply = pool.call(addr, ping(b""), Duration::from_secs(1)).await;
+        assert!(
+            matches!(reply, Err(ClientError::ConnectionLost { .. })),
+            "{reply:?}"
+        );
     }
 }

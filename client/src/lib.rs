@@ -9,5 +9,5 @@ pub mod connection;
 pub mod error;
 
 pub use block_client::{BlockClient, ClientConfig, Durability, Volume};
-pub use connection::{Connection, ConnectionPool};
+pub use connection::{Connection, ConnectionPool, LocalOsd};
 pub use error::ClientError;

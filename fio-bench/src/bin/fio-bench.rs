@@ -195,15 +195,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let daemons = record["daemons"]
         .as_array()
         .context("cluster.json lists no daemons")?;
+    // A gateway is its own process (`kind` nbd, at `addr`) or lives in an
+    // OSD's process (`nbd` names its address).
     let gateway = daemons
         .iter()
-        .find(|d| {
-            d["kind"] == "nbd"
-                && d["addr"]
-                    .as_str()
-                    .is_some_and(|a| a.starts_with("127.0.1.1:"))
+        .filter_map(|d| {
+            if d["kind"] == "nbd" {
+                d["addr"].as_str()
+            } else {
+                d["nbd"].as_str()
+            }
         })
-        .and_then(|d| d["addr"].as_str())
+        .find(|a| a.starts_with("127.0.1.1:"))
         .context("no NBD gateway on node1 in cluster.json")?
         .to_string();
     let daemon_pids: Vec<u32> = daemons

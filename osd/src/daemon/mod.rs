@@ -17,7 +17,7 @@ use basalt_monitor::MonClient;
 use basalt_placement::{ClusterMap, OsdId};
 use basalt_proto::monitor as pb;
 use basalt_wire::{Frame, FrameCodec};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -76,8 +76,39 @@ fn identity_path(config: &OsdConfig) -> PathBuf {
     config.data_dir.join("osd.json")
 }
 
+/// The OSD as seen by a gateway in the same process (a node daemon): request
+/// frames are answered by the service directly. Holds the service weakly, so
+/// a stopping OSD still closes its store once in-flight requests are done.
+pub struct LocalService(std::sync::Weak<OsdService>);
+
+impl basalt_client::LocalOsd for LocalService {
+    fn call(&self, frame: Frame) -> futures::future::BoxFuture<'static, Option<Frame>> {
+        let service = self.0.upgrade();
+        Box::pin(async move {
+            let service = service?;
+            // Spawned, as a request read from a socket is: a caller that
+            // stops waiting (timeout, closed NBD connection) must not cut a
+            // replicated write in half.
+            tokio::spawn(async move { service.handle(frame).await })
+                .await
+                .ok()
+        })
+    }
+}
+
 /// Runs an OSD until `shutdown` is cancelled.
 pub async fn run(config: OsdConfig, shutdown: CancellationToken) -> Result<(), OsdError> {
+    run_with_local(config, shutdown, None).await
+}
+
+/// Runs an OSD until `shutdown` is cancelled; once it has booted and serves,
+/// hands `local` (if given) the in-process entry to its service, with its
+/// data-plane address.
+pub async fn run_with_local(
+    config: OsdConfig,
+    shutdown: CancellationToken,
+    local: Option<tokio::sync::oneshot::Sender<(SocketAddr, Arc<dyn basalt_client::LocalOsd>)>>,
+) -> Result<(), OsdError> {
     if !config.data_dir.join("meta").exists() {
         tracing::info!(dir = %config.data_dir.display(), size = config.size_bytes, "formatting new OSD store");
         ObjectStore::format_dir(&config.data_dir, config.size_bytes, false)?;
@@ -132,6 +163,12 @@ pub async fn run(config: OsdConfig, shutdown: CancellationToken) -> Result<(), O
             addr: config.listen,
             source,
         })?;
+    if let Some(local) = local {
+        let _ = local.send((
+            config.listen,
+            Arc::new(LocalService(Arc::downgrade(&service))),
+        ));
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -265,7 +302,10 @@ async fn serve_connection(
     let (replies, mut outgoing) = mpsc::channel::<Frame>(IN_FLIGHT_PER_CONNECTION);
     let writer = tokio::spawn(async move {
         while let Some(frame) = outgoing.recv().await {
-            if sink.send(frame).await.is_err() {
+            if basalt_client::connection::send_batch(&mut sink, &mut outgoing, frame)
+                .await
+                .is_err()
+            {
                 break;
             }
         }
