@@ -33,6 +33,11 @@ pub struct UpArgs {
     /// Size of each OSD's data file.
     #[arg(long, default_value = "8G")]
     osd_size: String,
+    /// Write zeros over each OSD's data file when it is created (sparse
+    /// otherwise): what benchmarks want, a disk-backed deployment's
+    /// behaviour; slower first start and the full size on disk.
+    #[arg(long)]
+    osd_prezero: bool,
     /// Monitor port on each of the first three nodes.
     #[arg(long, default_value_t = 6789)]
     mon_port: u16,
@@ -201,6 +206,9 @@ fn plan(args: &UpArgs, dir: &Path) -> anyhow::Result<ClusterRecord> {
             ];
             if let Some(nbd) = &nbd {
                 osd_args.extend(["--nbd".into(), nbd.clone()]);
+            }
+            if args.osd_prezero {
+                osd_args.push("--prezero".into());
             }
             daemons.push(DaemonRecord {
                 kind: "osd".into(),

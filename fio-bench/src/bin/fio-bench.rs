@@ -41,6 +41,13 @@ struct RunArgs {
     /// OSD data file size of a cluster fio-bench starts.
     #[arg(long, default_value = "4G")]
     osd_size: String,
+    /// Leave the started cluster's OSD data files sparse. By default they
+    /// are written with zeros first, as the raw and qemu-nbd targets' file
+    /// is prefilled: otherwise the first write to every block of an OSD
+    /// pays the file system's block allocation (an ext4 journal commit at
+    /// the next flush), which a disk-backed OSD never does.
+    #[arg(long)]
+    sparse_osds: bool,
     /// `standard` or `quick` (fio-bench/jobs/<suite>.fio, compiled in), or
     /// the path of a job file of one's own.
     #[arg(long, default_value = "standard")]
@@ -160,22 +167,35 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 free_port("127.0.1.1")?,
                 free_port("127.0.1.1")?,
             );
-            basalt(&[
+            let (dir_text, nodes, mon, osd, nbd) = (
+                dir.display().to_string(),
+                args.nodes.to_string(),
+                mon.to_string(),
+                osd.to_string(),
+                nbd.to_string(),
+            );
+            let mut up = vec![
                 "dev",
                 "up",
                 "--dir",
-                &dir.display().to_string(),
+                &dir_text,
                 "--nodes",
-                &args.nodes.to_string(),
+                &nodes,
                 "--osd-size",
                 &args.osd_size,
                 "--mon-port",
-                &mon.to_string(),
+                &mon,
                 "--osd-port",
-                &osd.to_string(),
+                &osd,
                 "--nbd-port",
-                &nbd.to_string(),
-            ])?;
+                &nbd,
+                "--timeout",
+                "600",
+            ];
+            if !args.sparse_osds {
+                up.push("--osd-prezero");
+            }
+            basalt(&up)?;
             cleanup.cluster = Some(dir.clone());
             dir
         }

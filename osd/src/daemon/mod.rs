@@ -59,6 +59,9 @@ pub struct OsdConfig {
     pub zone: String,
     /// Size of the data file created on first start.
     pub size_bytes: u64,
+    /// Write zeros over the data file when creating it (later writes are
+    /// pure overwrites: no file-system allocation on the data path).
+    pub prezero: bool,
     /// Placement weight.
     pub weight: f64,
     /// Heartbeat interval. Default 1,000 ms.
@@ -110,8 +113,8 @@ pub async fn run_with_local(
     local: Option<tokio::sync::oneshot::Sender<(SocketAddr, Arc<dyn basalt_client::LocalOsd>)>>,
 ) -> Result<(), OsdError> {
     if !config.data_dir.join("meta").exists() {
-        tracing::info!(dir = %config.data_dir.display(), size = config.size_bytes, "formatting new OSD store");
-        ObjectStore::format_dir(&config.data_dir, config.size_bytes, false)?;
+        tracing::info!(dir = %config.data_dir.display(), size = config.size_bytes, prezero = config.prezero, "formatting new OSD store");
+        ObjectStore::format_dir(&config.data_dir, config.size_bytes, config.prezero)?;
     }
     let known: Option<u32> = std::fs::read(identity_path(&config))
         .ok()
