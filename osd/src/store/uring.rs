@@ -27,7 +27,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use io_uring::{IoUring, opcode, types};
@@ -111,6 +111,7 @@ impl UringDevice {
         let submitter = Arc::new(Submitter {
             ring_fd: ring.ring.as_raw_fd(),
             pending: AtomicUsize::new(0),
+            scheduled: AtomicBool::new(false),
         });
         let ring = Arc::new(Mutex::new(ring));
         // SAFETY: the OwnedFd is a valid open eventfd that the AsyncFd owns
@@ -138,7 +139,7 @@ impl UringDevice {
         }
         // Outside the lock: the submission runs the block layer inline
         // (long in a VM), and another thread may push meanwhile.
-        self.submitter.kick();
+        self.submitter.kick_soon();
         match wait.await {
             Ok(result) => result,
             Err(_) => (None, Err(io::Error::other("the ring dropped a request"))),
@@ -195,9 +196,35 @@ struct Submitter {
     ring_fd: RawFd,
     /// Kicks not yet covered by a submission; nonzero while one runs.
     pending: AtomicUsize,
+    /// A deferred submission is spawned and has not started yet.
+    scheduled: AtomicBool,
 }
 
 impl Submitter {
+    /// Submits soon: on a tokio runtime, from a task spawned now, which the
+    /// scheduler runs after the tasks already ready, so the entries all of
+    /// them queue go to the kernel in one `io_uring_enter` (one notification
+    /// of the device: in a VM each one is an exit to the host; `iowrite16`
+    /// of virtio's notify was 8% of all CPU at QD32 with one enter per
+    /// request). Outside a runtime, at once.
+    fn kick_soon(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.kick();
+            return;
+        };
+        if self.scheduled.swap(true, Ordering::AcqRel) {
+            // The spawned submission has not started: it will see the
+            // entries published before this call (it takes the flag back
+            // with a swap that synchronises with ours).
+            return;
+        }
+        let submitter = self.clone();
+        runtime.spawn(async move {
+            submitter.scheduled.swap(false, Ordering::AcqRel);
+            submitter.kick();
+        });
+    }
+
     fn kick(&self) {
         if self.pending.fetch_add(1, Ordering::AcqRel) != 0 {
             // The running submitter sees this kick and submits again; the
