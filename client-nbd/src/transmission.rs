@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use basalt_client::{ClientError, Durability, Volume};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -139,13 +140,10 @@ where
         let Ok(budget) = bytes.clone().acquire_many_owned(units).await else {
             break Ok(());
         };
-        let mut payload = Vec::new();
-        if request.payload_len > 0 {
-            payload = vec![0u8; request.payload_len as usize];
-            if let Err(e) = reader.read_exact(&mut payload).await {
-                break Err(e.into());
-            }
-        }
+        let payload = match read_payload(&mut reader, request.payload_len as usize).await {
+            Ok(payload) => payload,
+            Err(e) => break Err(e.into()),
+        };
         let (volume, replies, first_flush) = (volume.clone(), replies.clone(), first_flush.clone());
         tokio::spawn(async move {
             let outcome = match execute(
@@ -180,6 +178,20 @@ where
     result
 }
 
+/// Reads a request's `len` bytes of payload into a buffer of its own (not
+/// zeroed first; sent on to the OSDs without a copy).
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<Bytes> {
+    let mut payload = BytesMut::with_capacity(len);
+    while payload.len() < len {
+        // The spare capacity is exactly what is missing: no read goes past
+        // this request's payload.
+        if reader.read_buf(&mut payload).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(payload.freeze())
+}
+
 /// Checks and runs one request; returns its outcome or an NBD errno.
 async fn execute(
     volume: &Volume,
@@ -188,7 +200,7 @@ async fn execute(
     read_only: bool,
     first_flush: &AtomicBool,
     request: &Request,
-    payload: Vec<u8>,
+    payload: Bytes,
 ) -> Result<Outcome, u32> {
     let Request {
         flags,
@@ -292,7 +304,7 @@ async fn execute(
                 .map_err(|e| errno(&e))
         }
         CMD_WRITE => volume
-            .write(offset, &payload, durability)
+            .write_bytes(offset, payload, durability)
             .await
             .map(|()| Outcome::Done)
             .map_err(|e| errno(&e)),

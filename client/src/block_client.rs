@@ -78,9 +78,9 @@ pub struct Volume {
     pub object_size_bytes: u64,
 }
 
-enum Op<'a> {
+enum Op {
     Read,
-    Write(&'a [u8], Durability),
+    Write(Bytes, Durability),
     Zeroes {
         allocate: bool,
         durability: Durability,
@@ -170,21 +170,21 @@ impl BlockClient {
         object_index: u64,
         offset: u64,
         length: u64,
-        op: &Op<'_>,
+        op: &Op,
     ) -> Result<Bytes, ClientError> {
         let mut retry = Retry::new();
-        let (kind, data, flags): (Kind, &[u8], u32) = match op {
-            Op::Read => (Kind::Read, &[], 0),
-            Op::Write(data, durability) => (Kind::Write, data, durability.op_flags()),
+        let (kind, data, flags): (Kind, Bytes, u32) = match op {
+            Op::Read => (Kind::Read, Bytes::new(), 0),
+            Op::Write(data, durability) => (Kind::Write, data.clone(), durability.op_flags()),
             Op::Zeroes {
                 allocate,
                 durability,
             } => (
                 Kind::WriteZeroes,
-                &[],
+                Bytes::new(),
                 durability.op_flags() | if *allocate { OP_ALLOCATE } else { 0 },
             ),
-            Op::Discard(durability) => (Kind::Discard, &[], durability.op_flags()),
+            Op::Discard(durability) => (Kind::Discard, Bytes::new(), durability.op_flags()),
         };
         loop {
             let map = self.map();
@@ -196,7 +196,7 @@ impl BlockClient {
                     offset,
                     length,
                     kind,
-                    data,
+                    data.clone(),
                     flags,
                 )
                 .await;
@@ -233,7 +233,7 @@ impl BlockClient {
         offset: u64,
         length: u64,
         kind: Kind,
-        data: &[u8],
+        data: Bytes,
         flags: u32,
     ) -> Result<Result<Bytes, (Status, String)>, ClientError> {
         let pg = map
@@ -271,7 +271,7 @@ impl BlockClient {
         let map = self.map();
         let header = OpHeader::for_pg(pg, 0);
         let (primary, reply) = self
-            .send_to_primary(&map, header, Kind::PgStat, &[])
+            .send_to_primary(&map, header, Kind::PgStat, Bytes::new())
             .await?;
         if reply.status != Status::Ok as u32 || reply.payload.len() < 8 {
             return Err(ClientError::Map(format!(
@@ -297,7 +297,7 @@ impl BlockClient {
         let map = self.map();
         let header = OpHeader::for_pg(pg, if deep { basalt_wire::op::OP_DEEP } else { 0 });
         let (primary, reply) = self
-            .send_to_primary(&map, header, Kind::PgScrub, &[])
+            .send_to_primary(&map, header, Kind::PgScrub, Bytes::new())
             .await?;
         if reply.status != Status::Ok as u32 {
             return Err(ClientError::Map(format!(
@@ -320,7 +320,7 @@ impl BlockClient {
         map: &ClusterMap,
         header: OpHeader,
         kind: Kind,
-        data: &[u8],
+        data: Bytes,
     ) -> Result<(basalt_placement::OsdId, Frame), ClientError> {
         let pg = header.object.pg;
         let acting = Placer::new(map)
@@ -349,7 +349,10 @@ impl BlockClient {
             request_id: 0,
             epoch: map.epoch.0,
             status: 0,
-            payload: header.encode_with(data),
+            // The op header alone; the data goes as the frame's tail (sent
+            // or handed over without a copy).
+            payload: header.encode_with(&[]),
+            tail: data,
         };
         let reply = self
             .pool
@@ -464,6 +467,7 @@ impl BlockClient {
                         epoch: map.epoch.0,
                         status: 0,
                         payload: Bytes::new(),
+                        tail: Bytes::new(),
                     };
                     match self
                         .pool
@@ -548,10 +552,21 @@ impl Volume {
         data: &[u8],
         durability: Durability,
     ) -> Result<(), ClientError> {
+        self.write_bytes(offset, Bytes::copy_from_slice(data), durability)
+            .await
+    }
+
+    /// `write` without copying `data`: each object's piece is a slice of it.
+    pub async fn write_bytes(
+        &self,
+        offset: u64,
+        data: Bytes,
+        durability: Durability,
+    ) -> Result<(), ClientError> {
         self.check(offset, data.len() as u64)?;
         let pieces = self.pieces(offset, data.len() as u64);
         let writes = pieces.iter().map(|(index, within, take, at)| {
-            let slice = &data[*at as usize..(*at + *take) as usize];
+            let slice = data.slice(*at as usize..(*at + *take) as usize);
             async move {
                 self.client
                     .object_op(
@@ -629,7 +644,7 @@ impl Volume {
         };
         let (_, reply) = self
             .client
-            .send_to_primary(&map, header, Kind::BlockStatus, &[])
+            .send_to_primary(&map, header, Kind::BlockStatus, Bytes::new())
             .await?;
         if reply.status != Status::Ok as u32 {
             return Err(ClientError::Map(format!(

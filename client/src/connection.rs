@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use basalt_wire::{FLAG_REPLY, Frame, FrameCodec};
+use basalt_wire::{FLAG_REPLY, Frame, FrameBatch, FrameCodec};
+use futures::StreamExt;
 use futures::future::BoxFuture;
-use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::Framed;
+use tokio_util::codec::FramedRead;
 
 use crate::error::ClientError;
 
@@ -54,7 +54,8 @@ impl Connection {
             addr,
             reason: e.to_string(),
         })?;
-        let (mut sink, mut stream) = Framed::new(stream, FrameCodec::default()).split();
+        let (read_half, mut write_half) = stream.into_split();
+        let mut stream = FramedRead::new(read_half, FrameCodec::default());
         let (outgoing, mut queue) = mpsc::channel::<Frame>(1024);
         let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
@@ -62,7 +63,7 @@ impl Connection {
         let writer_dead = dead.clone();
         tokio::spawn(async move {
             while let Some(frame) = queue.recv().await {
-                if let Err(e) = send_batch(&mut sink, &mut queue, frame).await {
+                if let Err(e) = send_batch(&mut write_half, &mut queue, frame).await {
                     tracing::debug!(%addr, "connection write failed: {e}");
                     break;
                 }
@@ -155,25 +156,27 @@ impl Connection {
     }
 }
 
-/// Writes `first` and every other frame already queued, then flushes once:
-/// under load one `write` carries many frames instead of one each.
-pub async fn send_batch<S>(
-    sink: &mut S,
+/// Writes `first` and every other frame already queued (at most 64) with
+/// vectored writes: under load one `writev` carries many frames, and long
+/// payloads go to the socket from their own buffers, not copied first.
+pub async fn send_batch<W>(
+    writer: &mut W,
     queue: &mut mpsc::Receiver<Frame>,
     first: Frame,
-) -> Result<(), S::Error>
+) -> std::io::Result<()>
 where
-    S: futures::Sink<Frame> + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
 {
-    sink.feed(first).await?;
-    // A bound, so a steady stream still gets flushed.
+    let mut batch = FrameBatch::default();
+    batch.push(&first).map_err(std::io::Error::other)?;
     for _ in 0..64 {
         match queue.try_recv() {
-            Ok(frame) => sink.feed(frame).await?,
+            Ok(frame) => batch.push(&frame).map_err(std::io::Error::other)?,
             Err(_) => break,
         }
     }
-    sink.flush().await
+    batch.finish();
+    tokio::io::AsyncWriteExt::write_all_buf(writer, &mut batch).await
 }
 
 /// An OSD in the caller's own process, answering request frames directly.
@@ -260,6 +263,7 @@ mod tests {
                 Some(Frame {
                     flags: FLAG_REPLY,
                     payload: Bytes::from(payload),
+                    tail: Bytes::new(),
                     ..frame
                 })
             })
@@ -274,6 +278,7 @@ mod tests {
             epoch: 1,
             status: 0,
             payload: Bytes::from_static(payload),
+            tail: Bytes::new(),
         }
     }
 

@@ -25,6 +25,7 @@ fn frame(kind: Kind, epoch: u64, payload: Bytes) -> Frame {
         epoch,
         status: 0,
         payload,
+        tail: Bytes::new(),
     }
 }
 

@@ -156,12 +156,141 @@ pub struct Frame {
     /// For replies: the outcome.
     pub status: u32,
     pub payload: Bytes,
+    /// More payload, sent right after `payload` without joining the two
+    /// (an op header in `payload`, a write's data here: the data is never
+    /// copied on its way to the socket). On the wire it is one payload, so
+    /// decoded frames have an empty tail.
+    pub tail: Bytes,
 }
 
 impl Frame {
     /// Returns whether this frame is a reply.
     pub fn is_reply(&self) -> bool {
         self.flags & FLAG_REPLY != 0
+    }
+
+    /// Bytes of payload on the wire (payload and tail).
+    pub fn payload_len(&self) -> usize {
+        self.payload.len() + self.tail.len()
+    }
+
+    /// The crc32c of the whole payload (payload, then tail).
+    pub fn payload_crc(&self) -> u32 {
+        crc32c::crc32c_append(crc32c::crc32c(&self.payload), &self.tail)
+    }
+
+    /// Splits an op request into its op header and its data, whether the
+    /// data follows the header in `payload` (a decoded frame) or is the
+    /// tail (a frame handed over in-process). No copy.
+    pub fn op(&self) -> Result<(OpHeader, Bytes), WireError> {
+        let (header, data) = OpHeader::decode(self.payload.clone())?;
+        match (data.is_empty(), self.tail.is_empty()) {
+            (_, true) => Ok((header, data)),
+            (true, false) => Ok((header, self.tail.clone())),
+            (false, false) => Err(WireError::MalformedOp(
+                "data both after the op header and in the tail",
+            )),
+        }
+    }
+
+    /// Writes the 40-byte header to `dst`.
+    fn put_header(&self, dst: &mut BytesMut) {
+        let start = dst.len();
+        dst.put_u16_le(MAGIC);
+        dst.put_u8(VERSION);
+        dst.put_u8(self.kind as u8);
+        dst.put_u32_le(self.flags);
+        dst.put_u64_le(self.request_id);
+        dst.put_u64_le(self.epoch);
+        dst.put_u32_le(self.payload_len() as u32);
+        dst.put_u32_le(self.payload_crc());
+        dst.put_u32_le(self.status);
+        let header_crc = crc32c::crc32c(&dst[start..start + 36]);
+        dst.put_u32_le(header_crc);
+    }
+}
+
+/// Payloads at least this long are sent from their own buffer (one more
+/// iovec); shorter ones are copied next to their header.
+const COPY_BELOW: usize = 2048;
+
+/// Encoded frames ready for one vectored write: headers and short payloads
+/// are copied into one buffer, long payloads and tails are referenced, not
+/// copied (`Buf` over the pieces in order; `write_all_buf` on a socket
+/// sends them with `writev`).
+#[derive(Default)]
+pub struct FrameBatch {
+    pieces: std::collections::VecDeque<Bytes>,
+    small: BytesMut,
+}
+
+impl FrameBatch {
+    /// Appends `frame`; refuses a payload above the maximum.
+    pub fn push(&mut self, frame: &Frame) -> Result<(), WireError> {
+        if frame.payload_len() > MAX_PAYLOAD_BYTES {
+            return Err(WireError::PayloadTooLarge(frame.payload_len()));
+        }
+        frame.put_header(&mut self.small);
+        for part in [&frame.payload, &frame.tail] {
+            if part.len() < COPY_BELOW {
+                self.small.extend_from_slice(part);
+            } else {
+                self.seal();
+                self.pieces.push_back(part.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the copied bytes so far into the piece list.
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            self.pieces.push_back(self.small.split().freeze());
+        }
+    }
+
+    /// Returns whether nothing is left to send.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty() && self.small.is_empty()
+    }
+
+    /// Finishes the batch: everything pushed becomes sendable (`Buf` sees
+    /// only finished pieces).
+    pub fn finish(&mut self) {
+        self.seal();
+    }
+}
+
+impl Buf for FrameBatch {
+    fn remaining(&self) -> usize {
+        self.pieces.iter().map(Bytes::len).sum()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.pieces.front().map(|b| &b[..]).unwrap_or_default()
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, piece) in dst.iter_mut().zip(self.pieces.iter()) {
+            *slot = std::io::IoSlice::new(piece);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 {
+            let Some(front) = self.pieces.front_mut() else {
+                return;
+            };
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.pieces.pop_front();
+        }
     }
 }
 
@@ -265,6 +394,7 @@ impl Decoder for FrameCodec {
             epoch,
             status,
             payload,
+            tail: Bytes::new(),
         }))
     }
 }
@@ -273,23 +403,13 @@ impl Encoder<Frame> for FrameCodec {
     type Error = WireError;
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
-        if frame.payload.len() > MAX_PAYLOAD_BYTES {
-            return Err(WireError::PayloadTooLarge(frame.payload.len()));
+        if frame.payload_len() > MAX_PAYLOAD_BYTES {
+            return Err(WireError::PayloadTooLarge(frame.payload_len()));
         }
-        dst.reserve(HEADER_BYTES + frame.payload.len());
-        let start = dst.len();
-        dst.put_u16_le(MAGIC);
-        dst.put_u8(VERSION);
-        dst.put_u8(frame.kind as u8);
-        dst.put_u32_le(frame.flags);
-        dst.put_u64_le(frame.request_id);
-        dst.put_u64_le(frame.epoch);
-        dst.put_u32_le(frame.payload.len() as u32);
-        dst.put_u32_le(crc32c::crc32c(&frame.payload));
-        dst.put_u32_le(frame.status);
-        let header_crc = crc32c::crc32c(&dst[start..start + 36]);
-        dst.put_u32_le(header_crc);
+        dst.reserve(HEADER_BYTES + frame.payload_len());
+        frame.put_header(dst);
         dst.extend_from_slice(&frame.payload);
+        dst.extend_from_slice(&frame.tail);
         Ok(())
     }
 }
@@ -307,6 +427,7 @@ mod tests {
             epoch: 12,
             status: 0,
             payload: Bytes::copy_from_slice(payload),
+            tail: Bytes::new(),
         }
     }
 
@@ -346,6 +467,34 @@ mod tests {
             let err = FrameCodec::default().decode(&mut corrupt).unwrap_err();
             assert_eq!(err, expected);
         }
+    }
+
+    /// An op's data is the same whether it follows the op header in the
+    /// payload (decoded from the wire) or is the tail (handed over in
+    /// process); data in both places is malformed.
+    #[test]
+    fn op_data_comes_from_the_payload_or_the_tail() {
+        let header = OpHeader::for_pg(
+            basalt_placement::PgId {
+                pool: basalt_placement::PoolId(1),
+                seed: 2,
+                home: None,
+            },
+            0,
+        );
+        let data = Bytes::from_static(&[9u8; 100]);
+        let mut joined = frame(&[]);
+        joined.payload = header.encode_with(&data);
+        let mut split = frame(&[]);
+        split.payload = header.encode_with(&[]);
+        split.tail = data.clone();
+        assert_eq!(joined.op().unwrap(), (header, data.clone()));
+        assert_eq!(split.op().unwrap(), (header, data.clone()));
+        assert_eq!(split.payload_len(), joined.payload_len());
+        assert_eq!(split.payload_crc(), joined.payload_crc());
+        let mut both = joined.clone();
+        both.tail = data;
+        assert!(matches!(both.op(), Err(WireError::MalformedOp(_))));
     }
 
     #[test]
@@ -394,9 +543,72 @@ mod tests {
             let original = Frame {
                 kind: Kind::Read, flags: FLAG_REPLY, request_id: id, epoch, status,
                 payload: Bytes::from(payload),
+                tail: Bytes::new(),
             };
             let mut bytes = encode(original.clone());
             prop_assert_eq!(FrameCodec::default().decode(&mut bytes).unwrap(), Some(original));
+        }
+
+        /// Frames with tails, batched for vectored writes and sent in short
+        /// writes of random sizes, decode to the frames with payload and
+        /// tail joined, in order, and the batch's bytes are exactly the
+        /// codec's.
+        #[test]
+        fn batched_frames_with_tails_arrive_joined(
+            parts in prop::collection::vec(
+                (prop::collection::vec(any::<u8>(), 0..3000), prop::collection::vec(any::<u8>(), 0..5000)),
+                1..6,
+            ),
+            write_sizes in prop::collection::vec(1usize..4000, 1..40),
+        ) {
+            let frames: Vec<Frame> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, (payload, tail))| Frame {
+                    kind: Kind::Write, flags: 0, request_id: i as u64, epoch: 3, status: 0,
+                    payload: Bytes::from(payload.clone()),
+                    tail: Bytes::from(tail.clone()),
+                })
+                .collect();
+            let mut batch = FrameBatch::default();
+            let mut expected = BytesMut::new();
+            for frame in &frames {
+                batch.push(frame).unwrap();
+                FrameCodec::default().encode(frame.clone(), &mut expected).unwrap();
+            }
+            batch.finish();
+            prop_assert_eq!(batch.remaining(), expected.len());
+            // What a socket taking `size` bytes per write would receive.
+            let mut sent = Vec::new();
+            let mut sizes = write_sizes.iter().cycle();
+            while batch.has_remaining() {
+                let mut slices = [std::io::IoSlice::new(&[]); 8];
+                let count = batch.chunks_vectored(&mut slices);
+                prop_assert!(count > 0);
+                let mut take = *sizes.next().unwrap();
+                let mut taken = 0;
+                for slice in &slices[..count] {
+                    let n = slice.len().min(take);
+                    sent.extend_from_slice(&slice[..n]);
+                    take -= n;
+                    taken += n;
+                    if take == 0 {
+                        break;
+                    }
+                }
+                batch.advance(taken);
+            }
+            prop_assert!(batch.is_empty());
+            prop_assert_eq!(&sent[..], &expected[..]);
+            let mut buffer = BytesMut::from(&sent[..]);
+            let mut codec = FrameCodec::default();
+            for frame in &frames {
+                let decoded = codec.decode(&mut buffer).unwrap().unwrap();
+                let mut joined = frame.payload.to_vec();
+                joined.extend_from_slice(&frame.tail);
+                prop_assert_eq!(&decoded.payload[..], &joined[..]);
+                prop_assert_eq!(decoded.request_id, frame.request_id);
+            }
         }
     }
 }

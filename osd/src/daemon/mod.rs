@@ -21,7 +21,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_util::codec::Framed;
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{ObjectStore, StoreConfig, StoreError};
@@ -301,11 +301,12 @@ async fn serve_connection(
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let (mut sink, mut frames) = Framed::new(stream, FrameCodec::default()).split();
+    let (read_half, mut write_half) = stream.into_split();
+    let mut frames = FramedRead::new(read_half, FrameCodec::default());
     let (replies, mut outgoing) = mpsc::channel::<Frame>(IN_FLIGHT_PER_CONNECTION);
     let writer = tokio::spawn(async move {
         while let Some(frame) = outgoing.recv().await {
-            if basalt_client::connection::send_batch(&mut sink, &mut outgoing, frame)
+            if basalt_client::connection::send_batch(&mut write_half, &mut outgoing, frame)
                 .await
                 .is_err()
             {

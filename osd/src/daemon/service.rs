@@ -82,6 +82,7 @@ fn reply(request: &Frame, status: Status, epoch: u64, payload: Bytes) -> Frame {
         epoch,
         status: status as u32,
         payload,
+        tail: Bytes::new(),
     }
 }
 
@@ -185,7 +186,7 @@ impl OsdService {
                 }
             };
         }
-        let (header, data) = match OpHeader::decode(frame.payload.clone()) {
+        let (header, data) = match frame.op() {
             Ok(parts) => parts,
             Err(e) => {
                 let epoch = self.map.borrow().epoch.0;
@@ -368,12 +369,16 @@ impl OsdService {
                     Kind::WriteZeroes => Kind::RepWriteZeroes,
                     _ => Kind::RepDiscard,
                 };
-                let payload = header.encode_with(&data);
+                // The op header alone; the data is the frame's tail, sent to
+                // each replica from the buffer it arrived in.
+                let payload = header.encode_with(&[]);
                 let local = self.apply_local(&frame, &header, &key, data.clone(), epoch);
                 let remotes = acting.members[1..]
                     .iter()
                     .filter(|osd| !skipped.contains(osd))
-                    .map(|osd| self.call_peer(*osd, &map, replica_kind, payload.clone()));
+                    .map(|osd| {
+                        self.call_peer_with(*osd, &map, replica_kind, payload.clone(), data.clone())
+                    });
                 let (local, remotes) = tokio::join!(local, futures::future::join_all(remotes));
                 if local.status != Status::Ok as u32 {
                     return local;
@@ -443,6 +448,20 @@ impl OsdService {
         kind: Kind,
         payload: Bytes,
     ) -> Result<Bytes, String> {
+        self.call_peer_with(osd, map, kind, payload, Bytes::new())
+            .await
+    }
+
+    /// `call_peer` with more payload after `payload`, sent without joining
+    /// the two (a replicated write's data).
+    async fn call_peer_with(
+        &self,
+        osd: OsdId,
+        map: &ClusterMap,
+        kind: Kind,
+        payload: Bytes,
+        tail: Bytes,
+    ) -> Result<Bytes, String> {
         let addr = map
             .osds
             .get(&osd)
@@ -456,6 +475,7 @@ impl OsdService {
             epoch: map.epoch.0,
             status: 0,
             payload,
+            tail,
         };
         let timeout = if matches!(
             kind,
