@@ -149,23 +149,33 @@ fn run_daemon(args: OsdArgs, mon: &str) -> anyhow::Result<()> {
     };
     let mon = mon.to_string();
     crate::daemon::run_until_signal("OSD and NBD gateway", move |shutdown| async move {
+        // Stopping order: the gateway first (its requests to this OSD end),
+        // then the OSD, which can then close its store. Either one failing
+        // stops the other.
+        let gateway_stop = shutdown.child_token();
+        let osd_stop = tokio_util::sync::CancellationToken::new();
         let (ready, local) = tokio::sync::oneshot::channel();
         let osd = async {
-            basalt_osd::daemon::run_with_local(config, shutdown.clone(), Some(ready))
-                .await
-                .context("OSD")
-                .map_err(crate::nbd::GatewayError::from)
+            let result =
+                basalt_osd::daemon::run_with_local(config, osd_stop.clone(), Some(ready)).await;
+            gateway_stop.cancel();
+            result
         };
         let gateway = async {
-            match local.await {
+            let result = match local.await {
                 Ok(local) => {
-                    crate::nbd::serve_gateway(nbd, false, mon, Some(local), shutdown.clone()).await
+                    crate::nbd::serve_gateway(nbd, false, mon, Some(local), gateway_stop.clone())
+                        .await
                 }
                 // The OSD stopped before serving: its own error says why.
-                Err(_) => std::future::pending().await,
-            }
+                Err(_) => Ok(()),
+            };
+            osd_stop.cancel();
+            result
         };
-        tokio::try_join!(osd, gateway).map(|_| ())
+        let (osd, gateway) = tokio::join!(osd, gateway);
+        osd.context("OSD").map_err(crate::nbd::GatewayError::from)?;
+        gateway
     })
 }
 

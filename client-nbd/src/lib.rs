@@ -130,6 +130,11 @@ pub async fn serve(
                 _ = shutdown.cancelled() => {}
                 result = connection(stream, client, read_only, peer.to_string(), clients) => match result {
                     Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
+                    // A client gone without a word (a health check that
+                    // only connects, fio closing without NBD_CMD_DISC).
+                    Err(NbdError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(%peer, "NBD client hung up")
+                    }
                     Err(e) => tracing::warn!(%peer, "NBD connection closed: {e}"),
                 },
             }

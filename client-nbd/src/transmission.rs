@@ -183,9 +183,10 @@ where
 async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<Bytes> {
     let mut payload = BytesMut::with_capacity(len);
     while payload.len() < len {
-        // The spare capacity is exactly what is missing: no read goes past
-        // this request's payload.
-        if reader.read_buf(&mut payload).await? == 0 {
+        // Limited to what is missing: the buffer may have more room, and
+        // the next request's header must stay in the reader.
+        let missing = (len - payload.len()) as u64;
+        if (&mut *reader).take(missing).read_buf(&mut payload).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }

@@ -37,6 +37,9 @@ use crate::connection::ConnectionPool;
 use crate::error::ClientError;
 
 const BLOCK: u64 = 4096;
+/// Largest read or write sent as one op: well inside the wire's payload
+/// bound (8 MiB and an op header), whatever the object size.
+const DATA_PIECE_MAX: u64 = 4 << 20;
 
 /// Settings of a block client.
 #[derive(Clone, Debug)]
@@ -362,6 +365,24 @@ impl BlockClient {
     }
 }
 
+/// Splits `[offset, offset + length)` at object boundaries and into pieces
+/// of at most `max` bytes: (object index, offset in object, length, offset
+/// in the request).
+fn split_range(object_size: u64, offset: u64, length: u64, max: u64) -> Vec<(u64, u64, u64, u64)> {
+    let mut pieces = Vec::new();
+    let mut position = offset;
+    while position < offset + length {
+        let index = position / object_size;
+        let within = position % object_size;
+        let take = (object_size - within)
+            .min(offset + length - position)
+            .min(max);
+        pieces.push((index, within, take, position - offset));
+        position += take;
+    }
+    pieces
+}
+
 /// Pacing of an operation retried until `ClientConfig::retry_for` runs out:
 /// backoff from 20 ms doubling to 500 ms, a map refresh every fourth attempt.
 struct Retry {
@@ -513,22 +534,19 @@ impl Volume {
     /// Splits `[offset, offset + length)` at object boundaries:
     /// (object index, offset in object, length, offset in the request).
     fn pieces(&self, offset: u64, length: u64) -> Vec<(u64, u64, u64, u64)> {
-        let mut pieces = Vec::new();
-        let mut position = offset;
-        while position < offset + length {
-            let index = position / self.object_size_bytes;
-            let within = position % self.object_size_bytes;
-            let take = (self.object_size_bytes - within).min(offset + length - position);
-            pieces.push((index, within, take, position - offset));
-            position += take;
-        }
-        pieces
+        split_range(self.object_size_bytes, offset, length, u64::MAX)
+    }
+
+    /// `pieces`, each also cut at `DATA_PIECE_MAX`, for ops that carry data
+    /// (a frame's payload is bounded; objects may be larger than that).
+    fn data_pieces(&self, offset: u64, length: u64) -> Vec<(u64, u64, u64, u64)> {
+        split_range(self.object_size_bytes, offset, length, DATA_PIECE_MAX)
     }
 
     /// Reads `length` bytes at `offset` (4 KiB-aligned). Holes read as zeros.
     pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes, ClientError> {
         self.check(offset, length)?;
-        let pieces = self.pieces(offset, length);
+        let pieces = self.data_pieces(offset, length);
         let reads = pieces.iter().map(|(index, within, take, _)| {
             self.client
                 .object_op(self.id, *index, *within, *take, &Op::Read)
@@ -564,7 +582,7 @@ impl Volume {
         durability: Durability,
     ) -> Result<(), ClientError> {
         self.check(offset, data.len() as u64)?;
-        let pieces = self.pieces(offset, data.len() as u64);
+        let pieces = self.data_pieces(offset, data.len() as u64);
         let writes = pieces.iter().map(|(index, within, take, at)| {
             let slice = data.slice(*at as usize..(*at + *take) as usize);
             async move {
@@ -695,5 +713,40 @@ impl Volume {
     /// client durable (see `BlockClient::flush`).
     pub async fn flush(&self, everywhere: bool) -> Result<(), ClientError> {
         self.client.flush(everywhere).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_range;
+
+    #[test]
+    fn ranges_split_at_objects_and_at_the_piece_bound() {
+        const M: u64 = 1 << 20;
+        // Within one 4 MiB object: one piece.
+        assert_eq!(
+            split_range(4 * M, 4096, 8192, u64::MAX),
+            vec![(0, 4096, 8192, 0)]
+        );
+        // Across an object boundary.
+        assert_eq!(
+            split_range(4 * M, 4 * M - 4096, 8192, u64::MAX),
+            vec![(0, 4 * M - 4096, 4096, 0), (1, 0, 4096, 4096)]
+        );
+        // A 32 MiB write into a 64 MiB object, at most 4 MiB per op.
+        let pieces = split_range(64 * M, 8 * M, 32 * M, 4 * M);
+        assert_eq!(pieces.len(), 8);
+        assert!(
+            pieces
+                .iter()
+                .all(|(index, _, len, _)| *index == 0 && *len == 4 * M)
+        );
+        let mut expected_at = 0;
+        for (_, within, len, at) in &pieces {
+            assert_eq!(*at, expected_at);
+            assert_eq!(*within, 8 * M + at);
+            expected_at += len;
+        }
+        assert_eq!(expected_at, 32 * M);
     }
 }

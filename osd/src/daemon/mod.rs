@@ -82,11 +82,20 @@ fn identity_path(config: &OsdConfig) -> PathBuf {
 /// The OSD as seen by a gateway in the same process (a node daemon): request
 /// frames are answered by the service directly. Holds the service weakly, so
 /// a stopping OSD still closes its store once in-flight requests are done.
-pub struct LocalService(std::sync::Weak<OsdService>);
+pub struct LocalService {
+    service: std::sync::Weak<OsdService>,
+    /// The OSD's shutdown: from then on no new request is taken, as its
+    /// listener takes no new connection.
+    stopping: CancellationToken,
+}
 
 impl basalt_client::LocalOsd for LocalService {
     fn call(&self, frame: Frame) -> futures::future::BoxFuture<'static, Option<Frame>> {
-        let service = self.0.upgrade();
+        let service = if self.stopping.is_cancelled() {
+            None
+        } else {
+            self.service.upgrade()
+        };
         Box::pin(async move {
             let service = service?;
             // Spawned, as a request read from a socket is: a caller that
@@ -169,7 +178,10 @@ pub async fn run_with_local(
     if let Some(local) = local {
         let _ = local.send((
             config.listen,
-            Arc::new(LocalService(Arc::downgrade(&service))),
+            Arc::new(LocalService {
+                service: Arc::downgrade(&service),
+                stopping: shutdown.clone(),
+            }),
         ));
     }
     loop {
@@ -188,9 +200,20 @@ pub async fn run_with_local(
         }
     }
     let _ = recovery.await;
+    // Requests already running (from sockets or an in-process gateway)
+    // finish first, so the store can be closed (a journal checkpoint; the
+    // next open has nothing to replay). Bounded: a stuck request must not
+    // keep the daemon from stopping.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while Arc::strong_count(&service) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     drop(service);
-    if let Ok(store) = Arc::try_unwrap(store) {
-        store.close().await;
+    match Arc::try_unwrap(store) {
+        Ok(store) => store.close().await,
+        Err(_) => tracing::warn!(
+            "requests still running at shutdown: store left unclosed (the next start recovers it)"
+        ),
     }
     Ok(())
 }

@@ -139,7 +139,7 @@ impl UringDevice {
         }
         // Outside the lock: the submission runs the block layer inline
         // (long in a VM), and another thread may push meanwhile.
-        self.submitter.kick_soon();
+        self.submitter.kick_soon(&self.ring);
         match wait.await {
             Ok(result) => result,
             Err(_) => (None, Err(io::Error::other("the ring dropped a request"))),
@@ -212,7 +212,7 @@ impl Submitter {
     /// of the device: in a VM each one is an exit to the host; `iowrite16`
     /// of virtio's notify was 8% of all CPU at QD32 with one enter per
     /// request). Outside a runtime, at once.
-    fn kick_soon(self: &Arc<Self>) {
+    fn kick_soon(self: &Arc<Self>, ring: &Arc<Mutex<Ring>>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.kick();
             return;
@@ -223,10 +223,24 @@ impl Submitter {
             // with a swap that synchronises with ours).
             return;
         }
-        let submitter = self.clone();
+        // Taking the flag back also when the task is dropped unpolled (a
+        // runtime shutting down): a flag left set would stop every later
+        // submission.
+        struct Scheduled(Arc<Submitter>);
+        impl Drop for Scheduled {
+            fn drop(&mut self) {
+                self.0.scheduled.swap(false, Ordering::AcqRel);
+            }
+        }
+        let scheduled = Scheduled(self.clone());
+        // Weak: a ring dropped meanwhile has closed its descriptor.
+        let ring = Arc::downgrade(ring);
         runtime.spawn(async move {
-            submitter.scheduled.swap(false, Ordering::AcqRel);
-            submitter.kick();
+            let submitter = scheduled.0.clone();
+            drop(scheduled);
+            if let Some(_open) = ring.upgrade() {
+                submitter.kick();
+            }
         });
     }
 
