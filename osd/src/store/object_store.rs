@@ -69,8 +69,8 @@ const GROUP_COMMIT_MAX: usize = 512;
 /// A buffered change is synced at the latest this long after it was applied.
 const BUFFERED_SYNC_AFTER: Duration = Duration::from_secs(1);
 /// Blocks given up by unsynced changes (held allocated until a sync) that
-/// make the next group a synced one: 64 MiB.
-const BUFFERED_FREE_MAX: usize = 16_384;
+/// make the next group a synced one: 256 MiB.
+const BUFFERED_FREE_MAX: usize = 65_536;
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
