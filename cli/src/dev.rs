@@ -221,28 +221,25 @@ fn plan(args: &UpArgs, dir: &Path) -> anyhow::Result<ClusterRecord> {
             });
         }
     }
-    let separate_gateways = if args.separate_gateways {
-        args.nodes
-    } else {
-        0
-    };
-    for i in 1..=separate_gateways {
-        let addr = format!("127.0.1.{i}:{}", args.nbd_port);
-        daemons.push(DaemonRecord {
-            kind: "nbd".into(),
-            name: format!("nbd{i}"),
-            addr: addr.clone(),
-            pid: 0,
-            log: logs.join(format!("nbd{i}.log")),
-            nbd: None,
-            args: vec![
-                "--mon".into(),
-                monitors.join(","),
-                "nbd".into(),
-                "--listen".into(),
-                addr,
-            ],
-        });
+    if args.separate_gateways {
+        for i in 1..=args.nodes {
+            let addr = format!("127.0.1.{i}:{}", args.nbd_port);
+            daemons.push(DaemonRecord {
+                kind: "nbd".into(),
+                name: format!("nbd{i}"),
+                addr: addr.clone(),
+                pid: 0,
+                log: logs.join(format!("nbd{i}.log")),
+                nbd: None,
+                args: vec![
+                    "--mon".into(),
+                    monitors.join(","),
+                    "nbd".into(),
+                    "--listen".into(),
+                    addr,
+                ],
+            });
+        }
     }
     Ok(ClusterRecord {
         nodes: args.nodes,

@@ -34,51 +34,49 @@ pub async fn serve_gateway(
     local: Option<(SocketAddr, Arc<dyn LocalOsd>)>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), GatewayError> {
-    {
-        let client = BlockClient::connect(MonClient::from_list(&mon)?, ClientConfig::default())
-            .await
-            .context("connect to the cluster")?;
-        let in_process = local.is_some();
-        if let Some((addr, osd)) = local {
-            client.set_local_osd(addr, osd);
-        }
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("listen on {listen}"))?;
-        tracing::info!(%listen, in_process, "NBD gateway serving");
-        let clients = basalt_client_nbd::Clients::default();
-        // Report connected clients to the monitors every 2 s (shown by
-        // `basalt status`).
-        let reporter = MonClient::from_list(&mon)?;
-        let (listed, addr, stop) = (clients.clone(), listen.to_string(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
-            while !stop.is_cancelled() {
-                tick.tick().await;
-                let request = basalt_proto::monitor::GatewayReportRequest {
-                    addr: addr.clone(),
-                    clients: listed
-                        .list()
-                        .into_iter()
-                        .map(|(peer, export)| basalt_proto::monitor::GatewayClient { peer, export })
-                        .collect(),
-                };
-                let sent = reporter
-                    .call(|mut c| {
-                        let request = request.clone();
-                        async move { c.gateway_report(request).await }
-                    })
-                    .await;
-                if let Err(e) = sent {
-                    tracing::debug!("gateway report failed: {e}");
-                }
-            }
-        });
-        basalt_client_nbd::serve(listener, client, read_only, clients, shutdown)
-            .await
-            .context("serve NBD")?;
-        Ok::<(), GatewayError>(())
+    let client = BlockClient::connect(MonClient::from_list(&mon)?, ClientConfig::default())
+        .await
+        .context("connect to the cluster")?;
+    let in_process = local.is_some();
+    if let Some((addr, osd)) = local {
+        client.set_local_osd(addr, osd);
     }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
+    tracing::info!(%listen, in_process, "NBD gateway serving");
+    let clients = basalt_client_nbd::Clients::default();
+    // Report connected clients to the monitors every 2 s (shown by
+    // `basalt status`).
+    let reporter = MonClient::from_list(&mon)?;
+    let (listed, addr, stop) = (clients.clone(), listen.to_string(), shutdown.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        while !stop.is_cancelled() {
+            tick.tick().await;
+            let request = basalt_proto::monitor::GatewayReportRequest {
+                addr: addr.clone(),
+                clients: listed
+                    .list()
+                    .into_iter()
+                    .map(|(peer, export)| basalt_proto::monitor::GatewayClient { peer, export })
+                    .collect(),
+            };
+            let sent = reporter
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.gateway_report(request).await }
+                })
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!("gateway report failed: {e}");
+            }
+        }
+    });
+    basalt_client_nbd::serve(listener, client, read_only, clients, shutdown)
+        .await
+        .context("serve NBD")?;
+    Ok(())
 }
 
 /// anyhow errors carried through the daemon runner.

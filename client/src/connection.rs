@@ -232,12 +232,9 @@ impl ConnectionPool {
             && *local == addr
         {
             // The bound a socket would enforce (the sender's encoder).
-            if frame.payload_len() > basalt_wire::MAX_PAYLOAD_BYTES {
-                return Err(ClientError::Invalid(format!(
-                    "payload of {} bytes is above the wire's maximum",
-                    frame.payload_len()
-                )));
-            }
+            frame
+                .check_size()
+                .map_err(|e| ClientError::Invalid(e.to_string()))?;
             return match tokio::time::timeout(timeout, osd.call(frame)).await {
                 Ok(Some(reply)) => Ok(reply),
                 Ok(None) => Err(ClientError::ConnectionLost { addr }),

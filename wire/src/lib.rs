@@ -174,6 +174,15 @@ impl Frame {
         self.payload.len() + self.tail.len()
     }
 
+    /// Refuses a payload above `MAX_PAYLOAD_BYTES` (what every receiver
+    /// refuses).
+    pub fn check_size(&self) -> Result<(), WireError> {
+        match self.payload_len() {
+            len if len > MAX_PAYLOAD_BYTES => Err(WireError::PayloadTooLarge(len)),
+            _ => Ok(()),
+        }
+    }
+
     /// The crc32c of the whole payload (payload, then tail).
     pub fn payload_crc(&self) -> u32 {
         crc32c::crc32c_append(crc32c::crc32c(&self.payload), &self.tail)
@@ -227,9 +236,7 @@ pub struct FrameBatch {
 impl FrameBatch {
     /// Appends `frame`; refuses a payload above the maximum.
     pub fn push(&mut self, frame: &Frame) -> Result<(), WireError> {
-        if frame.payload_len() > MAX_PAYLOAD_BYTES {
-            return Err(WireError::PayloadTooLarge(frame.payload_len()));
-        }
+        frame.check_size()?;
         frame.put_header(&mut self.small);
         for part in [&frame.payload, &frame.tail] {
             if part.len() < COPY_BELOW {
@@ -403,9 +410,7 @@ impl Encoder<Frame> for FrameCodec {
     type Error = WireError;
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
-        if frame.payload_len() > MAX_PAYLOAD_BYTES {
-            return Err(WireError::PayloadTooLarge(frame.payload_len()));
-        }
+        frame.check_size()?;
         dst.reserve(HEADER_BYTES + frame.payload_len());
         frame.put_header(dst);
         dst.extend_from_slice(&frame.payload);

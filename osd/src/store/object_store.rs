@@ -485,6 +485,16 @@ impl<D: BlockDevice> ObjectStore<D> {
         Ok(out)
     }
 
+    /// Runs `commit`, a change to `key` that does not update its cached
+    /// map, with that map dropped before the commit is sent (a caller
+    /// cancelled while it waits must leave no map behind) and again after.
+    async fn without_map<T>(&self, key: &ObjectKey, commit: impl Future<Output = T>) -> T {
+        self.inner.maps.invalidate(key);
+        let result = commit.await;
+        self.inner.maps.invalidate(key);
+        result
+    }
+
     fn check_range(&self, key: &ObjectKey, offset: u64, len: u64) -> Result<(), StoreError> {
         let block = BLOCK_BYTES as u64;
         if len == 0 || !offset.is_multiple_of(block) || !len.is_multiple_of(block) {
@@ -822,14 +832,11 @@ impl<D: BlockDevice> ObjectStore<D> {
             key: object_key(target),
             info: ObjectInfo { version },
         });
-        // Dropped before the commit is sent too: a caller cancelled while it
-        // waits must leave no map behind.
-        self.inner.maps.invalidate(target);
-        let result = self
-            .commit(ops, false, Durability::Durable, Vec::new())
-            .await;
-        self.inner.maps.invalidate(target);
-        result?;
+        self.without_map(
+            target,
+            self.commit(ops, false, Durability::Durable, Vec::new()),
+        )
+        .await?;
         let mut allocator = self.allocator();
         for (_, entry) in &blocks {
             allocator.set_shared(entry.disk_block, true);
@@ -1012,12 +1019,11 @@ impl<D: BlockDevice> ObjectStore<D> {
         let release = self
             .release(old.into_iter().flatten().map(|e| e.disk_block).collect())
             .await?;
-        self.inner.maps.invalidate(key);
-        let result = self
-            .commit_release(ops, false, durability, release, Vec::new())
-            .await;
-        self.inner.maps.invalidate(key);
-        result
+        self.without_map(
+            key,
+            self.commit_release(ops, false, durability, release, Vec::new()),
+        )
+        .await
     }
 
     /// Returns an object's version and its allocated blocks with their data
@@ -1176,12 +1182,11 @@ impl<D: BlockDevice> ObjectStore<D> {
         let release = self
             .release(blocks.iter().map(|(_, e)| e.disk_block).collect())
             .await?;
-        self.inner.maps.invalidate(key);
-        let result = self
-            .commit_release(ops, false, Durability::Durable, release, Vec::new())
-            .await;
-        self.inner.maps.invalidate(key);
-        result
+        self.without_map(
+            key,
+            self.commit_release(ops, false, Durability::Durable, release, Vec::new()),
+        )
+        .await
     }
 
     /// Returns an object's version, or `None` if it does not exist: one

@@ -178,15 +178,17 @@ async fn reap(ring: Arc<Mutex<Ring>>, submitter: Arc<Submitter>, event: AsyncFd<
         // Cleared before draining: a completion posted from here on fires
         // the eventfd again.
         ready.clear_ready();
-        let pushed = {
+        let waiting = {
             let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
             ring.reap();
-            // Entries an earlier submission left behind count too.
-            ring.push_backlog() > 0 || !ring.ring.submission().is_empty()
+            ring.push_backlog();
+            // Requests just given slots, or entries an earlier submission
+            // left behind.
+            !ring.ring.submission().is_empty()
         };
         // Only when there is something to submit: an empty `io_uring_enter`
         // per completion was a third of a QD1 request's syscalls.
-        if pushed {
+        if waiting {
             submitter.kick();
         }
     }
@@ -419,31 +421,27 @@ impl Ring {
         }
     }
 
-    /// Moves waiting requests into free slots of the submission queue;
-    /// returns how many.
-    fn push_backlog(&mut self) -> usize {
-        let mut pushed = 0;
+    /// Moves waiting requests into free slots of the submission queue.
+    fn push_backlog(&mut self) {
         while !self.free_slots.is_empty() {
             let Some(request) = self.backlog.pop_front() else {
-                return pushed;
+                return;
             };
             let Some(slot) = self.free_slots.pop() else {
                 self.backlog.push_front(request);
-                return pushed;
+                return;
             };
             let entry = build_entry(&request).user_data(slot as u64);
             // SAFETY: the entry points into `request.buf`, which we keep in
             // `slots[slot]` until its completion arrives.
-            let accepted = unsafe { self.ring.submission().push(&entry) };
-            if accepted.is_err() {
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_err() {
                 self.free_slots.push(slot);
                 self.backlog.push_front(request);
-                return pushed;
+                return;
             }
             self.slots[slot] = Some(request);
-            pushed += 1;
         }
-        pushed
     }
 
     fn complete(&mut self, slot: usize, result: i32) {
