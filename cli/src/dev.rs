@@ -423,3 +423,73 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Up {
+        #[command(flatten)]
+        args: UpArgs,
+    }
+
+    fn plan_of(extra: &[&str]) -> ClusterRecord {
+        let mut argv = vec!["up", "--dir", "/unused"];
+        argv.extend_from_slice(extra);
+        let up = Up::try_parse_from(argv).unwrap();
+        plan(&up.args, Path::new("/unused")).unwrap()
+    }
+
+    /// By default each node's first OSD process serves its node's NBD
+    /// address and no gateway process exists; `--separate-gateways` gives
+    /// one `basalt nbd` per node and OSDs without `--nbd`.
+    #[test]
+    fn gateways_live_in_the_first_osd_unless_asked_apart() {
+        let record = plan_of(&["--nodes", "3", "--osds-per-node", "2", "--osd-prezero"]);
+        assert!(record.daemons.iter().all(|d| d.kind != "nbd"));
+        let gateways: Vec<(&str, &str)> = record
+            .daemons
+            .iter()
+            .filter_map(|d| d.nbd_addr().map(|a| (d.name.as_str(), a)))
+            .collect();
+        assert_eq!(
+            gateways,
+            vec![
+                ("osd-node1-0", "127.0.1.1:10809"),
+                ("osd-node2-0", "127.0.1.2:10809"),
+                ("osd-node3-0", "127.0.1.3:10809"),
+            ]
+        );
+        for osd in record.daemons.iter().filter(|d| d.kind == "osd") {
+            let nbd_arg = osd.args.windows(2).find(|w| w[0] == "--nbd");
+            assert_eq!(
+                nbd_arg.map(|w| w[1].as_str()),
+                osd.nbd.as_deref(),
+                "{}",
+                osd.name
+            );
+            assert!(osd.args.iter().any(|a| a == "--prezero"), "{}", osd.name);
+        }
+
+        let apart = plan_of(&["--nodes", "2", "--separate-gateways"]);
+        assert!(apart.daemons.iter().all(|d| d.nbd.is_none()));
+        assert!(
+            apart
+                .daemons
+                .iter()
+                .filter(|d| d.kind == "osd")
+                .all(|d| !d.args.iter().any(|a| a == "--nbd" || a == "--prezero"))
+        );
+        let gateways: Vec<&str> = apart.daemons.iter().filter_map(|d| d.nbd_addr()).collect();
+        assert_eq!(gateways, vec!["127.0.1.1:10809", "127.0.1.2:10809"]);
+        assert!(
+            apart
+                .daemons
+                .iter()
+                .filter(|d| d.kind == "nbd")
+                .all(|d| d.args.contains(&"nbd".to_string()))
+        );
+    }
+}
