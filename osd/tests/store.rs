@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 
 use basalt_osd::store::{
@@ -482,6 +484,349 @@ async fn power_loss_keeps_every_acknowledged_write() {
         rolled_back >= 12,
         "only {rolled_back} of 24 runs rolled the metadata back"
     );
+}
+
+/// What a block of one writer may hold after a power loss when writes are
+/// buffered and flushed now and then.
+#[derive(Default)]
+struct FlushModel {
+    /// (object, block) -> (content a completed flush or FUA write made
+    /// durable, contents written since, in flight included).
+    blocks: HashMap<(ObjectKey, u64), (WriteBlock, Vec<WriteBlock>)>,
+}
+
+impl FlushModel {
+    fn begin(&mut self, object: ObjectKey, first_block: u64, count: u64, id: u64) {
+        for i in 0..count {
+            let entry = self.blocks.entry((object, first_block + i)).or_default();
+            entry.1.push(Some((id, i as usize)));
+        }
+    }
+
+    /// A FUA write was acknowledged: its own blocks are durable.
+    fn durable(&mut self, object: ObjectKey, first_block: u64, count: u64, id: u64) {
+        for i in 0..count {
+            let entry = self.blocks.entry((object, first_block + i)).or_default();
+            *entry = (Some((id, i as usize)), Vec::new());
+        }
+    }
+
+    /// A flush issued after every write so far was acknowledged completed:
+    /// each block's latest content is durable.
+    fn flushed(&mut self) {
+        for entry in self.blocks.values_mut() {
+            if let Some(latest) = entry.1.pop() {
+                *entry = (latest, Vec::new());
+            }
+        }
+    }
+}
+
+/// Power loss at a random moment while writers mix buffered writes (small
+/// ones go into the journal unflushed while the client flushes, larger ones
+/// do not), FUA writes and flushes: everything a completed flush or FUA
+/// write covered is intact, every other block holds its durable content or
+/// one written since (never another's data), fsck is clean. The metadata may
+/// also be rolled back to a copy taken after the last checkpoint, as in
+/// `power_loss_keeps_every_acknowledged_write`.
+#[tokio::test]
+async fn power_loss_with_flushes_keeps_every_flushed_write() {
+    for seed in 0..24u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Arc::new(MemDevice::new(16384));
+        device.set_fua(seed % 2 == 1);
+        let store = Arc::new(mem_store(&device, dir.path()).await);
+        let model = Arc::new(Mutex::new(FlushModel::default()));
+        let lengths = Arc::new(Mutex::new(HashMap::new()));
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Most seeds: the power goes right after the n-th flush returns,
+        // nothing else runs in between (one thread), so a flush that
+        // returned before its records were durable loses them. Others: at
+        // any moment, after n writes or flushes.
+        let on_flush = seed % 5 >= 2;
+        let crash_after = rng.random_range(3..40u64);
+        let flushes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ops = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let crashed = Arc::new(AtomicBool::new(false));
+        let large = if seed % 4 < 2 { 0.1 } else { 0.35 };
+        let mut writers = Vec::new();
+        // One to three writers: alone, a writer's flushes often find every
+        // change in records already.
+        for writer in 0..seed % 3 + 1 {
+            let (store, lengths) = (store.clone(), lengths.clone());
+            let (flushes, crashed, device) = (flushes.clone(), crashed.clone(), device.clone());
+            let ops = ops.clone();
+            let model = model.clone();
+            let mut rng = ChaCha8Rng::seed_from_u64(seed * 1000 + writer);
+            writers.push(tokio::spawn(async move {
+                // One model per writer: a flush covers what this writer had
+                // acknowledged when it asked.
+                let mut own = FlushModel::default();
+                for n in 0..1000u64 {
+                    if rng.random_bool(0.25) {
+                        if store.flush().await.is_err() {
+                            break;
+                        }
+                        own.flushed();
+                        ops.fetch_add(1, SeqCst);
+                        if on_flush && flushes.fetch_add(1, SeqCst) + 1 == crash_after {
+                            let mut keep_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xbeef);
+                            device.power_loss(|_| keep_rng.random_bool(0.4));
+                            crashed.store(true, SeqCst);
+                        }
+                        continue;
+                    }
+                    let object = key(writer * 2 + rng.random_range(0..2u64), 0);
+                    let first = rng.random_range(0..256u64);
+                    // Up to 8 blocks (32 KiB) may go inline; some seeds
+                    // write larger ones more often.
+                    let count = if rng.random_bool(large) {
+                        rng.random_range(9..=12u64)
+                    } else {
+                        rng.random_range(1..=8u64)
+                    };
+                    let durability = if rng.random_bool(0.05) {
+                        Durability::Durable
+                    } else {
+                        Durability::Buffered
+                    };
+                    let id = seed << 40 | writer << 20 | n;
+                    let data = pattern(id, (count * B) as usize);
+                    lengths.lock().unwrap().insert(id, data.len());
+                    own.begin(object, first, count, id);
+                    if store
+                        .write_with(&object, first * B, &data, id, durability)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    if durability == Durability::Durable {
+                        own.durable(object, first, count, id);
+                    }
+                    ops.fetch_add(1, SeqCst);
+                }
+                model.lock().unwrap().blocks.extend(own.blocks);
+            }));
+        }
+        let mut snapshots = Vec::new();
+        while !crashed.load(SeqCst) {
+            if !on_flush && ops.load(SeqCst) >= crash_after * 3 {
+                let mut keep_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xbeef);
+                device.power_loss(|_| keep_rng.random_bool(0.4));
+                break;
+            }
+            let before = store.journal_checkpoints();
+            let path = dir.path().join(format!("meta-at-{}", snapshots.len()));
+            store.snapshot_metadata(&path).unwrap();
+            snapshots.push((path, before, store.journal_checkpoints()));
+            tokio::task::yield_now().await;
+        }
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let store = Arc::try_unwrap(store).ok().unwrap();
+        let checkpoints = store.journal_checkpoints();
+        store.close().await;
+        device.power_on();
+
+        let meta = snapshots
+            .iter()
+            .rev()
+            .find(|(_, before, after)| *before == checkpoints && *after == checkpoints)
+            .map(|(path, _, _)| path.clone())
+            .unwrap_or_else(|| dir.path().join("meta"));
+        let store = ObjectStore::open(device.clone(), &meta, StoreConfig::default())
+            .await
+            .unwrap();
+        let report = store.fsck().await.unwrap();
+        assert!(report.is_clean(), "seed {seed}: {report:?}");
+        let blocks: Vec<_> = model.lock().unwrap().blocks.drain().collect();
+        let lengths = lengths.lock().unwrap().clone();
+        for ((object, block), (durable, since)) in &blocks {
+            let got = store.read(object, block * B, B).await.unwrap();
+            let allowed = std::iter::once(durable).chain(since.iter());
+            assert!(
+                allowed
+                    .map(|w| block_of(*w, &lengths))
+                    .any(|content| got[..] == content[..]),
+                "seed {seed}: {object} block {block} holds neither its flushed content nor one written since"
+            );
+        }
+        store.close().await;
+    }
+}
+
+/// Writes `blocks` blocks of pattern `id` at the start of object `object`,
+/// buffered.
+async fn buffered(store: &ObjectStore<Arc<MemDevice>>, object: u64, id: u64, blocks: u64) {
+    store
+        .write_with(
+            &key(object, 0),
+            0,
+            &pattern(id, (blocks * B) as usize),
+            id,
+            Durability::Buffered,
+        )
+        .await
+        .unwrap();
+}
+
+/// While a client flushes, a small buffered write goes to the journal with
+/// its record (not flushed), so the next flush is one device flush and no
+/// write; what it flushed survives a power loss. A larger buffered write,
+/// or one from a client that never flushed, still leaves its changes for
+/// the flush's record.
+#[tokio::test]
+async fn flush_after_small_buffered_writes_is_one_device_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+
+    // No flush yet: the flush writes a record, then flushes.
+    buffered(&store, 1, 1, 1).await;
+    let (writes, flushes) = device.counters();
+    store.flush().await.unwrap();
+    let (writes_after, flushes_after) = device.counters();
+    assert!(writes_after > writes, "the flush must write a record");
+    assert!(flushes_after > flushes);
+
+    // The client flushes: small writes carry their own records.
+    buffered(&store, 1, 2, 1).await;
+    buffered(&store, 2, 3, 8).await;
+    buffered(&store, 3, 4, 2).await;
+    let (writes, flushes) = device.counters();
+    store.flush().await.unwrap();
+    assert_eq!(
+        device.counters(),
+        (writes, flushes + 1),
+        "one device flush and no write"
+    );
+    // The power goes and takes every unflushed device write with it.
+    let store = power_cycle(store, &device, dir.path()).await;
+    for (object, id, blocks) in [(1, 2, 1), (2, 3, 8), (3, 4, 2)] {
+        assert_eq!(
+            store.read(&key(object, 0), 0, blocks * B).await.unwrap()[..],
+            pattern(id, (blocks * B) as usize)[..],
+            "object {object}"
+        );
+    }
+
+    // A larger write's data is not in a record: the flush writes one.
+    store.flush().await.unwrap();
+    buffered(&store, 4, 5, 9).await;
+    let (writes, _) = device.counters();
+    store.flush().await.unwrap();
+    assert!(
+        device.counters().0 > writes,
+        "the flush must write a record"
+    );
+
+    let store = power_cycle(store, &device, dir.path()).await;
+    for (object, id, blocks) in [(1, 2, 1), (2, 3, 8), (3, 4, 2), (4, 5, 9)] {
+        assert_eq!(
+            store.read(&key(object, 0), 0, blocks * B).await.unwrap()[..],
+            pattern(id, (blocks * B) as usize)[..],
+            "object {object}"
+        );
+    }
+    let report = store.fsck().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    store.close().await;
+}
+
+/// Records written without a flush can outlive an earlier one a power loss
+/// dropped. The next lap must not number its records so that such a
+/// leftover reads as its continuation: here the leftover would bring back a
+/// stale write over a flushed one.
+#[tokio::test]
+async fn records_left_after_a_lost_one_are_never_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    store.flush().await.unwrap();
+    // RocksDB's unsynced writes may go with the power too: it comes back
+    // as this copy.
+    let meta = dir.path().join("meta-before");
+    store.snapshot_metadata(&meta).unwrap();
+    for object in 1..=3u64 {
+        store
+            .write_with(
+                &key(object, 0),
+                0,
+                &pattern(object, B as usize),
+                object,
+                Durability::Buffered,
+            )
+            .await
+            .unwrap();
+    }
+    // The cache kept every write but the first record's first block.
+    device.power_loss(|block| block != 0);
+    store.close().await;
+    device.power_on();
+    let open = || ObjectStore::open(device.clone(), &meta, StoreConfig::default());
+    let store = open().await.unwrap();
+    store.flush().await.unwrap();
+    store
+        .write_with(
+            &key(2, 0),
+            0,
+            &pattern(20, B as usize),
+            20,
+            Durability::Buffered,
+        )
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    device.power_loss(|_| false);
+    store.close().await;
+    device.power_on();
+    let store = open().await.unwrap();
+    assert_eq!(
+        store.read(&key(2, 0), 0, B).await.unwrap()[..],
+        pattern(20, B as usize)[..],
+        "a record of the lap before the power loss was replayed"
+    );
+    let report = store.fsck().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    store.close().await;
+}
+
+/// A small buffered write that follows a larger one (whose data is not in
+/// any record and not flushed) must not put that write's change into an
+/// unflushed record: a power loss that kept the record but not the data
+/// would point the object at blocks that never got it.
+#[tokio::test]
+async fn a_record_never_points_at_unflushed_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    store.flush().await.unwrap();
+    let meta = dir.path().join("meta-before");
+    store.snapshot_metadata(&meta).unwrap();
+    buffered(&store, 1, 1, 9).await;
+    buffered(&store, 2, 2, 1).await;
+    // The cache kept the journal, not the data blocks; RocksDB comes back
+    // as it was before the writes.
+    let journal = store.journal_blocks();
+    device.power_loss(|block| block < journal);
+    store.close().await;
+    device.power_on();
+    let store = ObjectStore::open(device.clone(), &meta, StoreConfig::default())
+        .await
+        .unwrap();
+    for (object, blocks) in [(1, 9), (2, 1)] {
+        let got = store.read(&key(object, 0), 0, blocks * B).await.unwrap();
+        let new = pattern(object, (blocks * B) as usize);
+        assert!(
+            got.iter().all(|b| *b == 0) || got[..] == new[..],
+            "object {object} is neither old nor new"
+        );
+    }
+    let report = store.fsck().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    store.close().await;
 }
 
 /// A store on `device` whose object `key(1, 0)` was written durably

@@ -14,6 +14,12 @@
 //! without a sync afterwards, and marks the record's sequence number as
 //! applied (`journal_applied`, in the same batch).
 //!
+//! Small buffered writes of a client that flushes are journaled the same
+//! way, but their record is a plain write: the client's FLUSH is then a
+//! device flush alone. Such records can reach the disk out of order, so a
+//! power loss may leave valid records after one it dropped; the lap after
+//! an open starts numbering past anything the old lap could hold.
+//!
 //! A checkpoint (journal full, too many blocks held, `flush_and_release`, a
 //! fallback sync or a clean close) flushes the device and syncs RocksDB with
 //! the next record's sequence number as the start of a new lap

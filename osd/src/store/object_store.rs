@@ -25,6 +25,11 @@
 //! on its own `BUFFERED_SYNC_AFTER` after the first unsynced change, so the
 //! window is bounded even for a client that never flushes.
 //!
+//! With a journal, while a client flushes (a FLUSH in the last
+//! `EAGER_JOURNAL_AFTER_FLUSH`), a buffered write of at most 32 KiB goes out
+//! like a small durable one, its record not flushed, when nothing but such
+//! records is unsynced: the next FLUSH is then one device flush.
+//!
 //! Blocks a buffered change gives up stay allocated until a sync covers the
 //! change: if the power went before, the old metadata (pointing at them)
 //! comes back, and their contents must still be there.
@@ -71,6 +76,9 @@ const BUFFERED_SYNC_AFTER: Duration = Duration::from_secs(1);
 /// Blocks given up by unsynced changes (held allocated until a sync) that
 /// make the next group a synced one: 256 MiB.
 const BUFFERED_FREE_MAX: usize = 65_536;
+/// A small buffered write goes into the journal with its record (so a
+/// later FLUSH is one device flush) while a client flushed within this long.
+const EAGER_JOURNAL_AFTER_FLUSH: Duration = Duration::from_secs(2);
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -159,6 +167,10 @@ struct Inner<D> {
     checkpoints: Arc<std::sync::atomic::AtomicU64>,
     /// Block maps of recently used objects.
     maps: MapCache,
+    /// When a client last asked for a flush: milliseconds since `opened`,
+    /// plus one (0: never).
+    flushed_at: std::sync::atomic::AtomicU64,
+    opened: Instant,
     config: StoreConfig,
 }
 
@@ -379,6 +391,8 @@ impl<D: BlockDevice> ObjectStore<D> {
                 journal_blocks: superblock.journal_blocks,
                 checkpoints,
                 maps: MapCache::new(config.map_cache_objects),
+                flushed_at: std::sync::atomic::AtomicU64::new(0),
+                opened: Instant::now(),
                 config,
             }),
             committer,
@@ -566,9 +580,13 @@ impl<D: BlockDevice> ObjectStore<D> {
     }
 
     /// Makes every change acknowledged so far durable (NBD FLUSH): one device
-    /// flush and one metadata sync, nothing when no buffered change waits.
+    /// flush, with a journal record before it when some buffered change is
+    /// not in the journal yet (a metadata sync without a journal); nothing
+    /// when no buffered change waits.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.check_failed()?;
+        let now = self.inner.opened.elapsed().as_millis() as u64 + 1;
+        self.inner.flushed_at.store(now, Ordering::Relaxed);
         self.commit(Vec::new(), false, Durability::Durable, Vec::new())
             .await
     }
@@ -619,10 +637,12 @@ impl<D: BlockDevice> ObjectStore<D> {
 
         let crcs: Vec<u32> = data.chunks(BLOCK_BYTES).map(crc32c::crc32c).collect();
         // A small durable write goes out with its journal record, from the
-        // committer: one device round trip instead of two.
-        let inline = durability == Durability::Durable
-            && self.inner.journal_blocks > 0
-            && data.len() <= INLINE_MAX_BYTES;
+        // committer: one device round trip instead of two. So does a small
+        // buffered one while the client flushes: its record is written
+        // then (not flushed), and the FLUSH is a device flush alone.
+        let inline = self.inner.journal_blocks > 0
+            && data.len() <= INLINE_MAX_BYTES
+            && (durability == Durability::Durable || self.client_flushes());
         let mut buffers = Vec::with_capacity(runs.len());
         let mut data_offset = 0;
         for run in &runs {
@@ -698,6 +718,15 @@ impl<D: BlockDevice> ObjectStore<D> {
             self.inner.maps.put_back(key, map, first, &new_entries);
         }
         result
+    }
+
+    /// Whether a client asked for a flush lately (see
+    /// `EAGER_JOURNAL_AFTER_FLUSH`).
+    fn client_flushes(&self) -> bool {
+        let at = self.inner.flushed_at.load(Ordering::Relaxed);
+        at != 0
+            && (self.inner.opened.elapsed().as_millis() as u64 + 1).saturating_sub(at)
+                < EAGER_JOURNAL_AFTER_FLUSH.as_millis() as u64
     }
 
     /// Plans giving up `disk_blocks` (old blocks of a change): exclusive ones
@@ -1490,7 +1519,6 @@ impl<D: BlockDevice> Committer<D> {
         let checkpoint = group.iter().any(|c| c.checkpoint);
         let sync = group.is_empty()
             || checkpoint
-            || !inline.is_empty()
             || group.iter().any(|c| c.durability == Durability::Durable)
             || self.unsynced.free.len() + free.len() >= BUFFERED_FREE_MAX
             || self
@@ -1508,10 +1536,27 @@ impl<D: BlockDevice> Committer<D> {
         let result = if self.journal.is_some() {
             if checkpoint || self.unsynced.overflow {
                 self.checkpoint(ops, free, inline).await
+            } else if sync && ops.is_empty() && inline.is_empty() && self.unsynced.ops.is_empty() {
+                // Every unsynced change is in a record written already.
+                self.flush_records(free).await
             } else if sync {
-                self.commit_journaled(ops, free, inline, needs_flush).await
-            } else {
+                self.commit_journaled(ops, free, inline, needs_flush, true)
+                    .await
+            } else if inline.is_empty() {
                 self.apply_unsynced(ops, free, needs_flush)
+            } else if !needs_flush && self.unsynced.ops.is_empty() {
+                // Small buffered writes while the client flushes: their
+                // record now, so that its FLUSH is one device flush.
+                self.commit_journaled(ops, free, inline, false, false).await
+            } else {
+                // Changes in the journal must stay in commit order, and a
+                // record must not point at data that may never reach the
+                // disk (a larger write's, not flushed): these wait for the
+                // next sync's record like other buffered changes.
+                match write_home(&self.device, inline).await {
+                    Ok(()) => self.apply_unsynced(ops, free, true),
+                    Err(message) => Err(message),
+                }
             }
         } else {
             self.commit_plain(ops, free, needs_flush, sync).await
@@ -1601,16 +1646,24 @@ impl<D: BlockDevice> Committer<D> {
     ///
     /// When nothing but inline data was written since the last flush, the
     /// record is one RWF_DSYNC write. Otherwise (`data_before`: data of
-    /// larger or buffered writes), it is a plain write followed by a device
-    /// flush: a FUA write would make the record durable but not that data.
+    /// larger or buffered writes, or records not flushed yet), it is a plain
+    /// write followed by a device flush: a FUA write would make the record
+    /// durable but not that data, and replay stops at the first record
+    /// missing.
+    ///
+    /// Not `durable` (small buffered writes, nothing else unsynced but
+    /// earlier such records): a plain write, not flushed. A power loss keeps
+    /// it whole (its data is in it, checked by its crc) or drops it and
+    /// every later record, which is what an unflushed write may do.
     async fn commit_journaled(
         &mut self,
         ops: Vec<MetaOp>,
         free: Vec<u64>,
         mut inline: Vec<(u64, IoBuf)>,
         data_before: bool,
+        durable: bool,
     ) -> Result<(), String> {
-        let mut flush_after = data_before || self.unsynced.data;
+        let mut flush_after = durable && (data_before || self.unsynced.data);
         let encode = |unsynced: &[MetaOp], inline: &[(u64, IoBuf)]| {
             let inline_blocks: usize = inline.iter().map(|(_, b)| b.len() / BLOCK_BYTES).sum();
             let mut encoded = Vec::with_capacity((unsynced.len() + ops.len()) * 48);
@@ -1630,6 +1683,11 @@ impl<D: BlockDevice> Committer<D> {
             // writes): their data goes to its blocks now, the record holds
             // the changes only and the flush after it covers the data.
             write_home(&self.device, std::mem::take(&mut inline)).await?;
+            if !durable {
+                // A record must not point at data not flushed: these
+                // changes wait for the next sync's record.
+                return self.apply_unsynced(ops, free, true);
+            }
             flush_after = true;
             (encoded, blocks) = encode(&self.unsynced.ops, &inline);
         }
@@ -1657,7 +1715,10 @@ impl<D: BlockDevice> Committer<D> {
             .map(|(b, buf)| (*b, (buf.len() / BLOCK_BYTES) as u64))
             .collect();
         let record_write = async {
-            if flush_after {
+            if !durable {
+                let (_, written) = self.device.write(at, record).await;
+                written.map_err(|e| format!("journal write failed: {e}"))
+            } else if flush_after {
                 let (_, written) = self.device.write(at, record).await;
                 written.map_err(|e| format!("journal write failed: {e}"))?;
                 self.device
@@ -1681,6 +1742,33 @@ impl<D: BlockDevice> Committer<D> {
         for (start, len) in inline_runs {
             journal.lap_inline.extend(start..start + len);
         }
+        if !durable {
+            // The record holds every unsynced change now; the blocks they
+            // gave up wait for the flush that makes it durable.
+            let unsynced = &mut self.unsynced;
+            unsynced.ops.clear();
+            unsynced.since.get_or_insert_with(Instant::now);
+            unsynced.data = true;
+            unsynced.free.extend(free);
+            return Ok(());
+        }
+        self.release_synced(free).await
+    }
+
+    /// A sync when every unsynced change is in a record already written:
+    /// one device flush makes them durable.
+    async fn flush_records(&mut self, free: Vec<u64>) -> Result<(), String> {
+        self.device
+            .flush()
+            .await
+            .map_err(|e| format!("flush of journal records failed: {e}"))?;
+        self.release_synced(free).await
+    }
+
+    /// After a durable record: the blocks given up by the changes it made
+    /// durable come free (held, if written inline during this lap), and a
+    /// checkpoint follows when too many are held.
+    async fn release_synced(&mut self, free: Vec<u64>) -> Result<(), String> {
         let unsynced = std::mem::take(&mut self.unsynced);
         let held = {
             let journal = self.journal.as_mut().ok_or("store has no journal")?;
@@ -1831,5 +1919,10 @@ async fn replay_journal<D: BlockDevice>(
             "journal lap replayed"
         );
     }
-    Ok(next)
+    // Records written without a flush (small buffered writes) can outlive
+    // an earlier one a power loss dropped, so valid records of this lap may
+    // lie beyond the end of the scan, numbered from `next` on. The next lap
+    // starts past every number this lap can hold (one record per block at
+    // most), so none of them can pass for one of its records.
+    Ok(next + superblock.journal_blocks)
 }
