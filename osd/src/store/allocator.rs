@@ -5,6 +5,12 @@
 //! handed out for a write in flight are in use here but referenced by no
 //! metadata yet; if the process dies they are free again after restart.
 //! Next-fit from a moving cursor keeps sequential writes in long runs.
+//!
+//! A large allocation (a write of 64 KiB or more) first looks only at holes
+//! of at least `LARGE_HOLE_BLOCKS` (or its own size): after random 4 KiB
+//! overwrites the blocks they freed lie one by one all over the disk, and
+//! plain next-fit laid a 1 MiB write over up to 256 of them, one I/O each,
+//! to write and to read back. Single-block holes are left to small writes.
 
 /// A run of consecutive disk blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,6 +18,15 @@ pub struct Run {
     pub start: u64,
     pub len: u32,
 }
+
+/// Allocations of at least this many blocks look for large holes first.
+const LARGE_ALLOC_BLOCKS: u64 = 16;
+/// Smallest hole a large allocation takes in its first pass: 256 KiB.
+const LARGE_HOLE_BLOCKS: u64 = 64;
+/// Blocks the first pass looks through at most (1 GiB of disk).
+const LARGE_HOLE_SCAN_MAX: u64 = 1 << 18;
+/// After a first pass fell short, blocks to free before the next one.
+const LARGE_HOLE_RETRY_AFTER_FREES: u64 = 1024;
 
 /// A bitmap allocator over `block_count` blocks.
 ///
@@ -27,6 +42,10 @@ pub struct Allocator {
     cursor: u64,
     /// Blocks given up but not yet reusable (see `hold`).
     held: Vec<u64>,
+    /// Blocks freed since open, and that count when a large allocation's
+    /// first pass last fell short (`None`: it did not).
+    frees: u64,
+    short_at: Option<u64>,
 }
 
 impl Allocator {
@@ -47,6 +66,8 @@ impl Allocator {
             free_count: block_count,
             cursor: 0,
             held: Vec::new(),
+            frees: 0,
+            short_at: None,
         }
     }
 
@@ -134,9 +155,41 @@ impl Allocator {
         }
         let mut runs: Vec<Run> = Vec::new();
         let mut remaining = count;
+        let retry = self
+            .short_at
+            .is_none_or(|at| self.frees - at >= LARGE_HOLE_RETRY_AFTER_FREES);
+        if count >= LARGE_ALLOC_BLOCKS && retry {
+            let min_hole = count.min(LARGE_HOLE_BLOCKS);
+            remaining = self.take_holes(&mut runs, remaining, min_hole, max_run);
+            // Too few large holes: the next large allocations take what
+            // there is, without scanning again, until enough was freed.
+            self.short_at = (remaining > 0).then_some(self.frees);
+        }
+        remaining = self.take_holes(&mut runs, remaining, 1, max_run);
+        assert_eq!(remaining, 0, "free_count said {count} blocks were free");
+        self.free_count -= count;
+        Some(runs)
+    }
+
+    /// Takes up to `remaining` free blocks, next-fit from the cursor, from
+    /// holes of at least `min_hole` blocks, into `runs`; returns how many
+    /// are still missing. One sweep of the disk at most (a bounded part of
+    /// it when looking for large holes).
+    fn take_holes(
+        &mut self,
+        runs: &mut Vec<Run>,
+        mut remaining: u64,
+        min_hole: u64,
+        max_run: u32,
+    ) -> u64 {
+        let limit = if min_hole > 1 {
+            self.block_count.min(LARGE_HOLE_SCAN_MAX)
+        } else {
+            self.block_count
+        };
         let mut block = self.cursor;
         let mut scanned = 0u64;
-        while remaining > 0 && scanned < self.block_count {
+        while remaining > 0 && scanned < limit {
             if block >= self.block_count {
                 block = 0;
             }
@@ -147,7 +200,25 @@ impl Allocator {
                 scanned += 64;
                 continue;
             }
-            if !self.is_used(block) {
+            if self.is_used(block) {
+                block += 1;
+                scanned += 1;
+                continue;
+            }
+            if min_hole > 1 {
+                // Measure the hole (up to `min_hole`, not past the end).
+                let mut len = 1;
+                while len < min_hole && !self.is_used(block + len) {
+                    len += 1;
+                }
+                if len < min_hole {
+                    block += len;
+                    scanned += len;
+                    continue;
+                }
+            }
+            // Take the hole from here, as far as it goes and is needed.
+            while remaining > 0 && !self.is_used(block) {
                 self.words[(block / 64) as usize] |= 1 << (block % 64);
                 match runs.last_mut() {
                     Some(run) if run.start + run.len as u64 == block && run.len < max_run => {
@@ -159,14 +230,12 @@ impl Allocator {
                     }),
                 }
                 remaining -= 1;
+                block += 1;
+                scanned += 1;
             }
-            block += 1;
-            scanned += 1;
         }
-        assert_eq!(remaining, 0, "free_count said {count} blocks were free");
-        self.free_count -= count;
         self.cursor = block;
-        Some(runs)
+        remaining
     }
 
     /// Frees one block; freeing a free or shared block is a bug.
@@ -179,6 +248,7 @@ impl Allocator {
         );
         self.words[(block / 64) as usize] &= !(1 << (block % 64));
         self.free_count += 1;
+        self.frees += 1;
     }
 
     /// Frees every block of `runs`.
@@ -211,6 +281,45 @@ mod tests {
         assert_eq!(a.free_count(), 10);
         let again = a.allocate(10, 64).unwrap();
         assert_eq!(again, vec![Run { start: 0, len: 10 }]);
+    }
+
+    /// After single blocks were freed all over a full disk, a large
+    /// allocation takes a large hole, not the single blocks; a small one
+    /// fills single holes; when no large hole is left the large one still
+    /// gets its blocks.
+    #[test]
+    fn large_allocations_take_large_holes() {
+        let mut a = Allocator::new(4096);
+        let all = a.allocate(4096, 4096).unwrap();
+        assert_eq!(a.free_count(), 0);
+        drop(all);
+        // Every 8th block of the first half free, and one hole of 300
+        // blocks near the end.
+        for block in (0..2048).step_by(8) {
+            a.free(block);
+        }
+        for block in 3500..3800 {
+            a.free(block);
+        }
+        a.cursor = 0;
+        let large = a.allocate(256, 256).unwrap();
+        assert_eq!(
+            large,
+            vec![Run {
+                start: 3500,
+                len: 256
+            }]
+        );
+        let small = a.allocate(1, 256).unwrap();
+        assert_eq!(small.len(), 1);
+        assert!(small[0].start >= 3756, "next-fit goes on from the cursor");
+        // 44 blocks left in the large hole: below LARGE_HOLE_BLOCKS for a
+        // 64-block request, so those come from the single holes.
+        a.cursor = 0;
+        let medium = a.allocate(64, 256).unwrap();
+        assert_eq!(medium.iter().map(|r| r.len as u64).sum::<u64>(), 64);
+        assert!(medium.iter().all(|r| r.len == 1 && r.start < 2048));
+        assert_eq!(a.free_count(), 256 + 300 - 256 - 1 - 64);
     }
 
     #[test]
