@@ -37,7 +37,8 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    runtime()?.block_on(async move {
+    let runtime = runtime()?;
+    let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
         tokio::spawn(async move {
@@ -48,7 +49,12 @@ where
         daemon(shutdown)
             .await
             .with_context(|| format!("{name} failed"))
-    })
+    });
+    // The daemon has stopped (stores closed). Blocking work it left running
+    // (an OSD's format zeroing its data file, which the next start redoes)
+    // does not hold the exit up for long.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
 
 /// Waits for SIGTERM or SIGINT.

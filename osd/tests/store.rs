@@ -131,6 +131,38 @@ async fn round_trip_on_io_uring() {
     store.close().await;
 }
 
+/// A format that stopped while zeroing (a data file, no metadata) is
+/// formatted again at the next start; a formatted store never is.
+#[tokio::test]
+async fn an_interrupted_format_is_formatted_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = basalt_osd::store::object_store::store_paths(dir.path());
+    std::fs::write(&data, vec![7u8; 12_345]).unwrap();
+    ObjectStore::format_dir(dir.path(), 8 << 20, true).unwrap();
+    assert_eq!(std::fs::metadata(&data).unwrap().len(), 8 << 20);
+    let store = ObjectStore::open_dir(dir.path(), StoreConfig::default())
+        .await
+        .unwrap();
+    store
+        .write(&key(1, 0), 0, &pattern(1, BLOCK_BYTES), 1)
+        .await
+        .unwrap();
+    store.close().await;
+    let again = ObjectStore::format_dir(dir.path(), 8 << 20, true);
+    assert!(
+        matches!(again, Err(StoreError::Corrupt(_))),
+        "formatted over a store: {again:?}"
+    );
+    let store = ObjectStore::open_dir(dir.path(), StoreConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read(&key(1, 0), 0, B).await.unwrap()[..],
+        pattern(1, BLOCK_BYTES)[..]
+    );
+    store.close().await;
+}
+
 /// Many writes in flight at once on one ring, to many objects, all land.
 #[tokio::test]
 async fn concurrent_writes_on_io_uring() {

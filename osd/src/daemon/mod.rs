@@ -123,7 +123,19 @@ pub async fn run_with_local(
 ) -> Result<(), OsdError> {
     if !config.data_dir.join("meta").exists() {
         tracing::info!(dir = %config.data_dir.display(), size = config.size_bytes, prezero = config.prezero, "formatting new OSD store");
-        ObjectStore::format_dir(&config.data_dir, config.size_bytes, config.prezero)?;
+        // Zeroing a large file takes a while: off the runtime, and a stop
+        // meanwhile is not held up by it (the next start formats again).
+        let (dir, size, prezero) = (config.data_dir.clone(), config.size_bytes, config.prezero);
+        let format =
+            tokio::task::spawn_blocking(move || ObjectStore::format_dir(&dir, size, prezero));
+        tokio::select! {
+            formatted = format => formatted
+                .map_err(|e| OsdError::Config(format!("format task failed: {e}")))??,
+            () = shutdown.cancelled() => {
+                tracing::info!("stopped while formatting the store");
+                return Ok(());
+            }
+        }
     }
     let known: Option<u32> = std::fs::read(identity_path(&config))
         .ok()

@@ -194,10 +194,19 @@ impl ObjectStore<UringDevice> {
         std::fs::create_dir_all(dir).map_err(io("create store directory"))?;
         let (data_path, meta_path) = store_paths(dir);
         if data_path.exists() {
-            return Err(StoreError::Corrupt(format!(
-                "{} already exists; refusing to format over it",
-                data_path.display()
-            )));
+            if meta_path.exists() {
+                return Err(StoreError::Corrupt(format!(
+                    "{} already exists; refusing to format over it",
+                    data_path.display()
+                )));
+            }
+            // A format that stopped before its metadata was written (a
+            // crash or SIGTERM while zeroing): no store ever opened on this
+            // file, so it holds nothing to keep.
+            tracing::warn!(
+                path = %data_path.display(),
+                "data file without metadata: an interrupted format; formatting again"
+            );
         }
         let size = size_bytes - size_bytes % BLOCK_BYTES as u64;
         if size < 64 * BLOCK_BYTES as u64 {
