@@ -767,6 +767,36 @@ async fn flush_after_small_buffered_writes_is_one_device_flush() {
     store.close().await;
 }
 
+/// A store on `device` that a client flushed (so its small buffered writes
+/// go into the journal), and a copy of its metadata taken then: RocksDB's
+/// unsynced writes may go with the power, and it comes back as that copy.
+async fn flushed_store_and_copy(
+    device: &Arc<MemDevice>,
+    dir: &std::path::Path,
+) -> (ObjectStore<Arc<MemDevice>>, std::path::PathBuf) {
+    let store = mem_store(device, dir).await;
+    store.flush().await.unwrap();
+    let meta = dir.join("meta-before");
+    store.snapshot_metadata(&meta).unwrap();
+    (store, meta)
+}
+
+/// Cuts the power (keeping the unflushed writes to blocks `keep` says) and
+/// reopens on the metadata at `meta`.
+async fn power_cycle_to(
+    store: ObjectStore<Arc<MemDevice>>,
+    device: &Arc<MemDevice>,
+    meta: &std::path::Path,
+    keep: impl FnMut(u64) -> bool,
+) -> ObjectStore<Arc<MemDevice>> {
+    device.power_loss(keep);
+    store.close().await;
+    device.power_on();
+    ObjectStore::open(device.clone(), meta, StoreConfig::default())
+        .await
+        .unwrap()
+}
+
 /// Records written without a flush can outlive an earlier one a power loss
 /// dropped. The next lap must not number its records so that such a
 /// leftover reads as its continuation: here the leftover would bring back a
@@ -775,46 +805,16 @@ async fn flush_after_small_buffered_writes_is_one_device_flush() {
 async fn records_left_after_a_lost_one_are_never_replayed() {
     let dir = tempfile::tempdir().unwrap();
     let device = Arc::new(MemDevice::new(4096));
-    let store = mem_store(&device, dir.path()).await;
-    store.flush().await.unwrap();
-    // RocksDB's unsynced writes may go with the power too: it comes back
-    // as this copy.
-    let meta = dir.path().join("meta-before");
-    store.snapshot_metadata(&meta).unwrap();
+    let (store, meta) = flushed_store_and_copy(&device, dir.path()).await;
     for object in 1..=3u64 {
-        store
-            .write_with(
-                &key(object, 0),
-                0,
-                &pattern(object, B as usize),
-                object,
-                Durability::Buffered,
-            )
-            .await
-            .unwrap();
+        buffered(&store, object, object, 1).await;
     }
     // The cache kept every write but the first record's first block.
-    device.power_loss(|block| block != 0);
-    store.close().await;
-    device.power_on();
-    let open = || ObjectStore::open(device.clone(), &meta, StoreConfig::default());
-    let store = open().await.unwrap();
+    let store = power_cycle_to(store, &device, &meta, |block| block != 0).await;
     store.flush().await.unwrap();
-    store
-        .write_with(
-            &key(2, 0),
-            0,
-            &pattern(20, B as usize),
-            20,
-            Durability::Buffered,
-        )
-        .await
-        .unwrap();
+    buffered(&store, 2, 20, 1).await;
     store.flush().await.unwrap();
-    device.power_loss(|_| false);
-    store.close().await;
-    device.power_on();
-    let store = open().await.unwrap();
+    let store = power_cycle_to(store, &device, &meta, |_| false).await;
     assert_eq!(
         store.read(&key(2, 0), 0, B).await.unwrap()[..],
         pattern(20, B as usize)[..],
@@ -833,21 +833,12 @@ async fn records_left_after_a_lost_one_are_never_replayed() {
 async fn a_record_never_points_at_unflushed_data() {
     let dir = tempfile::tempdir().unwrap();
     let device = Arc::new(MemDevice::new(4096));
-    let store = mem_store(&device, dir.path()).await;
-    store.flush().await.unwrap();
-    let meta = dir.path().join("meta-before");
-    store.snapshot_metadata(&meta).unwrap();
+    let (store, meta) = flushed_store_and_copy(&device, dir.path()).await;
     buffered(&store, 1, 1, 9).await;
     buffered(&store, 2, 2, 1).await;
-    // The cache kept the journal, not the data blocks; RocksDB comes back
-    // as it was before the writes.
+    // The cache kept the journal, not the data blocks.
     let journal = store.journal_blocks();
-    device.power_loss(|block| block < journal);
-    store.close().await;
-    device.power_on();
-    let store = ObjectStore::open(device.clone(), &meta, StoreConfig::default())
-        .await
-        .unwrap();
+    let store = power_cycle_to(store, &device, &meta, |block| block < journal).await;
     for (object, blocks) in [(1, 9), (2, 1)] {
         let got = store.read(&key(object, 0), 0, blocks * B).await.unwrap();
         let new = pattern(object, (blocks * B) as usize);
