@@ -73,4 +73,21 @@ fn quick_suite_produces_a_sane_result_for_every_target_and_workload() {
     assert!(plot.starts_with("<svg") && plot.contains("basalt-size1-homed"));
     let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
     assert!(markdown.contains("vs qemu-nbd"));
+    // The data it wrote is gone (OSD files are GiBs each); logs stay.
+    assert!(
+        !out.path().join("raw.img").exists(),
+        "raw baseline file left"
+    );
+    let cluster: Vec<_> = std::fs::read_dir(out.path().join("cluster"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        cluster.iter().all(|n| n == "logs" || n == "cluster.json"),
+        "cluster data left: {cluster:?}"
+    );
+    assert!(
+        cluster.iter().any(|n| n == "logs"),
+        "logs removed: {cluster:?}"
+    );
 }

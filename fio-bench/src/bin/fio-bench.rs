@@ -64,6 +64,12 @@ struct RunArgs {
     ceph_conf: Option<PathBuf>,
     #[arg(long)]
     ceph_pool: Option<String>,
+    /// Keep the data of what the run created: the started cluster's OSD and
+    /// monitor directories (prezeroed OSD files: 3 x --osd-size) and the
+    /// raw baseline file. By default they are removed when the run ends;
+    /// results, fio's JSON and the cluster's logs stay.
+    #[arg(long)]
+    keep_data: bool,
 }
 
 fn basalt_bin() -> anyhow::Result<PathBuf> {
@@ -119,10 +125,13 @@ fn parse_size(text: &str) -> anyhow::Result<u64> {
     Ok(number << shift)
 }
 
-/// Stops what fio-bench started, also on error.
+/// Stops what fio-bench started, also on error, and (without
+/// `--keep-data`) removes the data it wrote.
 struct Cleanup {
     qemu_nbd: Option<Child>,
     cluster: Option<PathBuf>,
+    raw_file: Option<PathBuf>,
+    keep_data: bool,
 }
 
 impl Drop for Cleanup {
@@ -134,8 +143,43 @@ impl Drop for Cleanup {
         if let Some(dir) = self.cluster.take() {
             eprintln!("fio-bench: stopping the dev cluster");
             let _ = basalt(&["dev", "down", "--dir", &dir.display().to_string()]);
+            if !self.keep_data {
+                remove_cluster_data(&dir);
+            }
+        }
+        if let Some(file) = self.raw_file.take()
+            && !self.keep_data
+        {
+            let _ = std::fs::remove_file(file);
         }
     }
+}
+
+/// Removes a stopped dev cluster's data (every entry of its directory but
+/// its logs and `cluster.json`).
+fn remove_cluster_data(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name == "logs" || name == "cluster.json" {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if let Err(e) = removed {
+            eprintln!("fio-bench: could not remove {}: {e}", path.display());
+        }
+    }
+    eprintln!(
+        "fio-bench: removed the cluster's data under {} (logs kept; --keep-data keeps it all)",
+        dir.display()
+    );
 }
 
 fn progress(text: &str) {
@@ -150,6 +194,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut cleanup = Cleanup {
         qemu_nbd: None,
         cluster: None,
+        raw_file: None,
+        keep_data: args.keep_data,
     };
 
     // The cluster.
@@ -273,6 +319,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // Baselines: a raw file, and qemu-nbd exporting it.
     let raw_file = args.out.join("raw.img");
     let qemu_port = free_port("127.0.0.1")?;
+    cleanup.raw_file = Some(raw_file.clone());
     let mut targets = vec![Target::raw_file(&raw_file)];
     progress(&format!(
         "prefilling the raw file {} ({size} bytes)",
