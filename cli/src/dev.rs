@@ -86,6 +86,19 @@ pub struct DaemonRecord {
 }
 
 impl DaemonRecord {
+    /// A daemon not started yet, logging to `<logs>/<name>.log`.
+    fn planned(kind: &str, name: String, addr: String, logs: &Path, args: Vec<String>) -> Self {
+        DaemonRecord {
+            kind: kind.into(),
+            log: logs.join(format!("{name}.log")),
+            name,
+            addr,
+            pid: 0,
+            args,
+            nbd: None,
+        }
+    }
+
     /// The NBD address this process serves, if any.
     pub fn nbd_addr(&self) -> Option<&str> {
         match self.kind.as_str() {
@@ -160,14 +173,12 @@ fn plan(args: &UpArgs, dir: &Path) -> anyhow::Result<ClusterRecord> {
     let mut daemons = Vec::new();
     for i in 1..=mon_nodes {
         let addr = format!("127.0.1.{i}:{}", args.mon_port);
-        daemons.push(DaemonRecord {
-            kind: "mon".into(),
-            name: format!("mon{i}"),
-            addr: addr.clone(),
-            pid: 0,
-            log: logs.join(format!("mon{i}.log")),
-            nbd: None,
-            args: vec![
+        daemons.push(DaemonRecord::planned(
+            "mon",
+            format!("mon{i}"),
+            addr.clone(),
+            &logs,
+            vec![
                 "mon".into(),
                 "--id".into(),
                 format!("mon{i}"),
@@ -182,7 +193,7 @@ fn plan(args: &UpArgs, dir: &Path) -> anyhow::Result<ClusterRecord> {
                 "--osd-out-after-ms".into(),
                 args.osd_out_after_ms.to_string(),
             ],
-        });
+        ));
     }
     for i in 1..=args.nodes {
         for j in 0..args.osds_per_node {
@@ -211,34 +222,27 @@ fn plan(args: &UpArgs, dir: &Path) -> anyhow::Result<ClusterRecord> {
                 osd_args.push("--prezero".into());
             }
             daemons.push(DaemonRecord {
-                kind: "osd".into(),
-                name: name.clone(),
-                addr,
-                pid: 0,
-                log: logs.join(format!("{name}.log")),
-                args: osd_args,
                 nbd,
+                ..DaemonRecord::planned("osd", name, addr, &logs, osd_args)
             });
         }
     }
     if args.separate_gateways {
         for i in 1..=args.nodes {
             let addr = format!("127.0.1.{i}:{}", args.nbd_port);
-            daemons.push(DaemonRecord {
-                kind: "nbd".into(),
-                name: format!("nbd{i}"),
-                addr: addr.clone(),
-                pid: 0,
-                log: logs.join(format!("nbd{i}.log")),
-                nbd: None,
-                args: vec![
+            daemons.push(DaemonRecord::planned(
+                "nbd",
+                format!("nbd{i}"),
+                addr.clone(),
+                &logs,
+                vec![
                     "--mon".into(),
                     monitors.join(","),
                     "nbd".into(),
                     "--listen".into(),
                     addr,
                 ],
-            });
+            ));
         }
     }
     Ok(ClusterRecord {
