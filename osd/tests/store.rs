@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 
 use basalt_osd::store::{
-    BLOCK_BYTES, MemDevice, ObjectKey, ObjectStore, StoreConfig, StoreError, UringDevice,
+    BLOCK_BYTES, BlockDevice, MemDevice, ObjectKey, ObjectStore, StoreConfig, StoreError,
+    UringDevice,
 };
 use basalt_placement::{ObjectId, PgId, PoolId, VolumeId};
 use basalt_wire::Durability;
@@ -47,6 +48,13 @@ async fn mem_store(device: &Arc<MemDevice>, dir: &std::path::Path) -> ObjectStor
     ObjectStore::open(device.clone(), &dir.join("meta"), StoreConfig::default())
         .await
         .unwrap()
+}
+
+/// Fails unless fsck finds `store` clean; then closes it.
+async fn assert_clean_and_close<D: BlockDevice>(store: ObjectStore<D>) {
+    let report = store.fsck().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    store.close().await;
 }
 
 /// Writes, overwrites, holes, discard, write-zeroes, delete, stat and PG
@@ -422,6 +430,50 @@ fn block_of(write: WriteBlock, write_len: &HashMap<u64, usize>) -> Vec<u8> {
     }
 }
 
+/// Copies of a store's metadata taken during a run, each with the journal
+/// checkpoint count before and after it: a copy taken after the last
+/// checkpoint is a state a power loss could leave RocksDB in (its writes
+/// since are not synced).
+#[derive(Default)]
+struct MetaCopies(Vec<(std::path::PathBuf, u64, u64)>);
+
+impl MetaCopies {
+    fn take(&mut self, store: &ObjectStore<Arc<MemDevice>>, dir: &std::path::Path) {
+        let before = store.journal_checkpoints();
+        let path = dir.join(format!("meta-at-{}", self.0.len()));
+        store.snapshot_metadata(&path).unwrap();
+        self.0.push((path, before, store.journal_checkpoints()));
+    }
+
+    /// After the power loss (writers finished): closes `store`, brings the
+    /// device back and opens on the latest copy taken after the last
+    /// checkpoint, or on the live metadata if there is none. Returns the
+    /// store and whether it was rolled back to a copy.
+    async fn reopen(
+        &self,
+        store: Arc<ObjectStore<Arc<MemDevice>>>,
+        device: &Arc<MemDevice>,
+        dir: &std::path::Path,
+    ) -> (ObjectStore<Arc<MemDevice>>, bool) {
+        let store = Arc::try_unwrap(store).ok().unwrap();
+        let checkpoints = store.journal_checkpoints();
+        store.close().await;
+        device.power_on();
+        let copy = self
+            .0
+            .iter()
+            .rev()
+            .find(|(_, before, after)| *before == checkpoints && *after == checkpoints)
+            .map(|(path, _, _)| path.clone());
+        let rolled_back = copy.is_some();
+        let meta = copy.unwrap_or_else(|| dir.join("meta"));
+        let store = ObjectStore::open(device.clone(), &meta, StoreConfig::default())
+            .await
+            .unwrap();
+        (store, rolled_back)
+    }
+}
+
 /// Power loss at a random moment, many seeds: every acknowledged write is
 /// intact, every block is wholly old or wholly new, fsck is clean.
 ///
@@ -467,12 +519,9 @@ async fn power_loss_keeps_every_acknowledged_write() {
                 }
             }));
         }
-        let mut snapshots = Vec::new();
+        let mut snapshots = MetaCopies::default();
         while acked.load(std::sync::atomic::Ordering::SeqCst) < crash_after {
-            let before = store.journal_checkpoints();
-            let path = dir.path().join(format!("meta-at-{}", snapshots.len()));
-            store.snapshot_metadata(&path).unwrap();
-            snapshots.push((path, before, store.journal_checkpoints()));
+            snapshots.take(&store, dir.path());
             tokio::task::yield_now().await;
         }
         // The power goes: some unflushed blocks made it, most did not.
@@ -481,22 +530,8 @@ async fn power_loss_keeps_every_acknowledged_write() {
         for writer in writers {
             writer.await.unwrap();
         }
-        let store = Arc::try_unwrap(store).ok().unwrap();
-        let checkpoints = store.journal_checkpoints();
-        store.close().await;
-        device.power_on();
-
-        // The latest copy taken after the last checkpoint, if any.
-        let meta = snapshots
-            .iter()
-            .rev()
-            .find(|(_, before, after)| *before == checkpoints && *after == checkpoints)
-            .map(|(path, _, _)| path.clone());
-        rolled_back += usize::from(meta.is_some());
-        let meta = meta.unwrap_or_else(|| dir.path().join("meta"));
-        let store = ObjectStore::open(device.clone(), &meta, StoreConfig::default())
-            .await
-            .unwrap();
+        let (store, rolled) = snapshots.reopen(store, &device, dir.path()).await;
+        rolled_back += usize::from(rolled);
         let report = store.fsck().await.unwrap();
         assert!(report.is_clean(), "seed {seed}: {report:?}");
         let blocks: Vec<_> = model.lock().unwrap().blocks.drain().collect();
@@ -641,36 +676,20 @@ async fn power_loss_with_flushes_keeps_every_flushed_write() {
                 model.lock().unwrap().blocks.extend(own.blocks);
             }));
         }
-        let mut snapshots = Vec::new();
+        let mut snapshots = MetaCopies::default();
         while !crashed.load(SeqCst) {
             if !on_flush && ops.load(SeqCst) >= crash_after * 3 {
                 let mut keep_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xbeef);
                 device.power_loss(|_| keep_rng.random_bool(0.4));
                 break;
             }
-            let before = store.journal_checkpoints();
-            let path = dir.path().join(format!("meta-at-{}", snapshots.len()));
-            store.snapshot_metadata(&path).unwrap();
-            snapshots.push((path, before, store.journal_checkpoints()));
+            snapshots.take(&store, dir.path());
             tokio::task::yield_now().await;
         }
         for writer in writers {
             writer.await.unwrap();
         }
-        let store = Arc::try_unwrap(store).ok().unwrap();
-        let checkpoints = store.journal_checkpoints();
-        store.close().await;
-        device.power_on();
-
-        let meta = snapshots
-            .iter()
-            .rev()
-            .find(|(_, before, after)| *before == checkpoints && *after == checkpoints)
-            .map(|(path, _, _)| path.clone())
-            .unwrap_or_else(|| dir.path().join("meta"));
-        let store = ObjectStore::open(device.clone(), &meta, StoreConfig::default())
-            .await
-            .unwrap();
+        let (store, _) = snapshots.reopen(store, &device, dir.path()).await;
         let report = store.fsck().await.unwrap();
         assert!(report.is_clean(), "seed {seed}: {report:?}");
         let blocks: Vec<_> = model.lock().unwrap().blocks.drain().collect();
@@ -702,6 +721,17 @@ async fn buffered(store: &ObjectStore<Arc<MemDevice>>, object: u64, id: u64, blo
         )
         .await
         .unwrap();
+}
+
+/// Each (object, id, blocks) reads back what `buffered` wrote there.
+async fn assert_holds_buffered(store: &ObjectStore<Arc<MemDevice>>, written: &[(u64, u64, u64)]) {
+    for &(object, id, blocks) in written {
+        assert_eq!(
+            store.read(&key(object, 0), 0, blocks * B).await.unwrap()[..],
+            pattern(id, (blocks * B) as usize)[..],
+            "object {object}"
+        );
+    }
 }
 
 /// While a client flushes, a small buffered write goes to the journal with
@@ -736,13 +766,8 @@ async fn flush_after_small_buffered_writes_is_one_device_flush() {
     );
     // The power goes and takes every unflushed device write with it.
     let store = power_cycle(store, &device, dir.path()).await;
-    for (object, id, blocks) in [(1, 2, 1), (2, 3, 8), (3, 4, 2)] {
-        assert_eq!(
-            store.read(&key(object, 0), 0, blocks * B).await.unwrap()[..],
-            pattern(id, (blocks * B) as usize)[..],
-            "object {object}"
-        );
-    }
+    let written = [(1, 2, 1), (2, 3, 8), (3, 4, 2), (4, 5, 9)];
+    assert_holds_buffered(&store, &written[..3]).await;
 
     // A larger write's data is not in a record: the flush writes one.
     store.flush().await.unwrap();
@@ -755,16 +780,8 @@ async fn flush_after_small_buffered_writes_is_one_device_flush() {
     );
 
     let store = power_cycle(store, &device, dir.path()).await;
-    for (object, id, blocks) in [(1, 2, 1), (2, 3, 8), (3, 4, 2), (4, 5, 9)] {
-        assert_eq!(
-            store.read(&key(object, 0), 0, blocks * B).await.unwrap()[..],
-            pattern(id, (blocks * B) as usize)[..],
-            "object {object}"
-        );
-    }
-    let report = store.fsck().await.unwrap();
-    assert!(report.is_clean(), "{report:?}");
-    store.close().await;
+    assert_holds_buffered(&store, &written).await;
+    assert_clean_and_close(store).await;
 }
 
 /// A store on `device` that a client flushed (so its small buffered writes
@@ -820,9 +837,7 @@ async fn records_left_after_a_lost_one_are_never_replayed() {
         pattern(20, B as usize)[..],
         "a record of the lap before the power loss was replayed"
     );
-    let report = store.fsck().await.unwrap();
-    assert!(report.is_clean(), "{report:?}");
-    store.close().await;
+    assert_clean_and_close(store).await;
 }
 
 /// A small buffered write that follows a larger one (whose data is not in
@@ -847,9 +862,7 @@ async fn a_record_never_points_at_unflushed_data() {
             "object {object} is neither old nor new"
         );
     }
-    let report = store.fsck().await.unwrap();
-    assert!(report.is_clean(), "{report:?}");
-    store.close().await;
+    assert_clean_and_close(store).await;
 }
 
 /// A store on `device` whose object `key(1, 0)` was written durably
@@ -976,9 +989,7 @@ async fn buffered_changes_are_durable_after_flush() {
             .iter()
             .all(|b| *b == 0)
     );
-    let report = store.fsck().await.unwrap();
-    assert!(report.is_clean(), "{report:?}");
-    store.close().await;
+    assert_clean_and_close(store).await;
 }
 
 /// A client that never flushes still gets its buffered changes synced
