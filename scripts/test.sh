@@ -16,6 +16,13 @@ cargo fmt --all --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "==> cargo build (every binary)"
+# The multi-process tests run the workspace's binaries (`basalt`,
+# `fio-bench`, ...) from the target directory. Test builds only build the
+# executables of a package with integration tests, so without this a test
+# can run a stale binary, or find none on a cold build.
+cargo build --workspace --bins --locked
+
 echo "==> tests"
 if cargo nextest --version >/dev/null 2>&1; then
     # Doc comments hold no doctests (examples are `text` blocks), so nextest
