@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use basalt_monitor::MonClient;
-use basalt_placement::{ClusterMap, ObjectId, OsdId, Placer, VolumeId};
+use basalt_placement::{ActingCache, ClusterMap, ObjectId, OsdId, VolumeId};
 use basalt_proto::monitor as pb;
 pub use basalt_wire::Durability;
 use basalt_wire::op::{OP_ALLOCATE, OP_BUFFERED};
@@ -63,6 +63,8 @@ impl Default for ClientConfig {
 pub struct BlockClient {
     mon: MonClient,
     map: RwLock<Arc<ClusterMap>>,
+    /// Acting sets at the map's epoch (one per op otherwise).
+    acting: ActingCache,
     pool: ConnectionPool,
     config: ClientConfig,
     /// OSDs holding buffered changes of ours not flushed yet.
@@ -97,6 +99,7 @@ impl BlockClient {
         let client = Arc::new(BlockClient {
             mon,
             map: RwLock::new(Arc::new(ClusterMap::new())),
+            acting: ActingCache::default(),
             pool: ConnectionPool::default(),
             config,
             dirty: Mutex::new(BTreeSet::new()),
@@ -326,8 +329,9 @@ impl BlockClient {
         data: Bytes,
     ) -> Result<(basalt_placement::OsdId, Frame), ClientError> {
         let pg = header.object.pg;
-        let acting = Placer::new(map)
-            .acting_set(pg)
+        let acting = self
+            .acting
+            .acting_set(map, pg)
             .map_err(|e| ClientError::Map(e.to_string()))?;
         let primary = acting
             .primary()

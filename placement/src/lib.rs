@@ -27,5 +27,5 @@ pub use balancer::{BalanceReport, Balancer};
 pub use error::{MapError, PlacementError};
 pub use ids::{Epoch, HostId, ObjectId, OsdId, PgId, PoolId, SnapshotId, VolumeId, Weight, ZoneId};
 pub use map::{ClusterMap, FailureDomain, Host, Osd, Pool, Snapshot, Upmap, Volume, Zone};
-pub use placer::{ActingSet, Placer};
+pub use placer::{ActingCache, ActingSet, Placer};
 pub use transition::{TransitionReport, plan_transition};

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use basalt_placement::{
-    Balancer, ClusterMap, FailureDomain, HostId, OsdId, PgId, PlacementError, Placer, Pool, PoolId,
-    Weight, plan_transition,
+    ActingCache, Balancer, ClusterMap, Epoch, FailureDomain, HostId, OsdId, PgId, PlacementError,
+    Placer, Pool, PoolId, Weight, plan_transition,
 };
 use proptest::prelude::*;
 
@@ -302,4 +302,30 @@ fn changing_home_moves_one_copy() {
     // the new home (about 2/8 of the time here).
     assert!(fraction < 0.45, "moved fraction {fraction}");
     assert!(fraction >= 1.0 / 3.0 - 1e-9, "moved fraction {fraction}");
+}
+
+/// The cache answers as the placer does, and follows the map to a new epoch
+/// (an OSD going down moves the PGs it held).
+#[test]
+fn the_acting_cache_answers_as_the_placer_and_follows_the_epoch() {
+    let mut map = uniform(1, 4, 1, 3);
+    let cache = ActingCache::default();
+    let cached = |map: &ClusterMap| -> Vec<Vec<OsdId>> {
+        (0..map.pools[&POOL].pg_count)
+            .map(|seed| {
+                cache
+                    .acting_set(map, PgId::new(POOL, seed))
+                    .unwrap()
+                    .members
+            })
+            .collect()
+    };
+    assert_eq!(cached(&map), all_sets(&map));
+    assert_eq!(cached(&map), all_sets(&map), "from the cache");
+    let down = all_sets(&map)[0][0];
+    map.osds.get_mut(&down).unwrap().up = false;
+    map.epoch = Epoch(map.epoch.0 + 1);
+    let after = all_sets(&map);
+    assert!(after.iter().all(|set| !set.contains(&down)));
+    assert_eq!(cached(&map), after);
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use basalt_client::ConnectionPool;
-use basalt_placement::{ClusterMap, OsdId, PgId, Placer};
+use basalt_placement::{ActingCache, ClusterMap, OsdId, PgId};
 use basalt_wire::op::OP_ALLOCATE;
 use basalt_wire::{Durability, FLAG_REPLY, Frame, Kind, OpHeader, Status};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -48,6 +48,8 @@ pub struct OsdService {
     pub id: OsdId,
     store: Arc<ObjectStore<UringDevice>>,
     map: watch::Receiver<Arc<ClusterMap>>,
+    /// Acting sets at the current map's epoch (one per op otherwise).
+    acting: ActingCache,
     /// Asks the map task for a map at least this new.
     want_epoch: watch::Sender<u64>,
     peers: ConnectionPool,
@@ -116,6 +118,7 @@ impl OsdService {
             id,
             store,
             map,
+            acting: ActingCache::default(),
             want_epoch,
             peers: ConnectionPool::default(),
             order: (0..ORDER_STRIPES)
@@ -208,7 +211,7 @@ impl OsdService {
             pg: header.object.pg,
             object: header.object.object,
         };
-        let acting = match Placer::new(&map).acting_set(header.object.pg) {
+        let acting = match self.acting.acting_set(&map, header.object.pg) {
             Ok(acting) => acting,
             Err(e) => return reply(&frame, Status::StaleEpoch, epoch, message(e.to_string())),
         };
