@@ -17,6 +17,13 @@ mod table;
 use basalt_monitor::MonClient;
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: the data path allocates and frees
+/// buffers, frames and futures per op, and glibc's arenas spent ~6% of an
+/// OSD's CPU on it at 4 KiB random writes (`_int_malloc`, `_int_free`,
+/// `malloc_consolidate`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Basalt: distributed block storage.
 #[derive(Parser, Debug)]
 #[command(name = "basalt", version, about, long_about = None)]
