@@ -138,9 +138,10 @@ fn with_mon(
 }
 
 /// glibc serves allocations above 128 KiB with a fresh mmap and returns them
-/// with munmap: every 1 MiB request buffer then costs 256 page faults and
+/// with munmap: every 1 MiB request buffer then cost 256 page faults and
 /// zeroing pages (profile of a 1 MiB sequential write: ~5% of daemon CPU).
-/// Daemons allocate such buffers all the time, so keep them on the heap.
+/// Rust's allocations go to mimalloc now (`ALLOCATOR`); this still keeps
+/// RocksDB's (C++, glibc) large buffers on the heap.
 fn keep_large_allocations_on_the_heap() {
     // SAFETY: mallopt only changes allocator tunables; called before any
     // thread starts.

@@ -1,6 +1,7 @@
 //! `fio-bench run --suite quick` against a small dev cluster of its own:
-//! every workload has a result on every target (raw file, qemu-nbd, a size-3
-//! and a homed size-1 Basalt volume), with non-zero IOPS, ordered latency
+//! every workload has a result on every target (raw file, qemu-nbd, size-3
+//! Basalt volumes unhomed and homed on the gateway's node, and a homed size-1
+//! one), with non-zero IOPS, ordered latency
 //! percentiles and daemon CPU accounted, and the table, summary and plot are
 //! written. The harness cannot silently break.
 
@@ -33,7 +34,13 @@ fn quick_suite_produces_a_sane_result_for_every_target_and_workload() {
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap()).unwrap();
     let results = summary["results"].as_array().unwrap();
-    let targets = ["raw", "qemu-nbd", "basalt-size3", "basalt-size1-homed"];
+    let targets = [
+        "raw",
+        "qemu-nbd",
+        "basalt-size3",
+        "basalt-size3-homed",
+        "basalt-size1-homed",
+    ];
     let workloads = [
         "randread-4k-qd1",
         "randread-4k-qd32",

@@ -38,8 +38,10 @@ struct RunArgs {
     /// Otherwise start a dev cluster of this many nodes under --out.
     #[arg(long, default_value_t = 3)]
     nodes: u32,
-    /// OSD data file size of a cluster fio-bench starts.
-    #[arg(long, default_value = "4G")]
+    /// OSD data file size of a cluster fio-bench starts. Node1's OSD holds
+    /// a copy of all three volumes (3 x --size) and the blocks overwrites
+    /// keep allocated until the next sync.
+    #[arg(long, default_value = "5G")]
     osd_size: String,
     /// Leave the started cluster's OSD data files sparse. By default they
     /// are written with zeros first, as the raw and qemu-nbd targets' file
@@ -281,7 +283,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .filter_map(|d| d["pid"].as_u64().map(|p| p as u32))
         .collect();
 
-    // Volumes: size 3 in `rbd`, size 1 homed on node1 (the gateway's node).
+    // Volumes: size 3 in `rbd`, unhomed (each PG's primary wherever
+    // placement puts it: for two thirds of the writes another node, one
+    // more network hop) and homed on node1 (the gateway's node: the primary
+    // there, two replicas elsewhere, as a VM or pod placed next to its
+    // data has it), and size 1 homed on node1.
     let size_text = size.to_string();
     if basalt(&["--mon", &mons, "pool", "ls", "--json"])?.contains("\"fiobench1\"") {
         progress("pool fiobench1 exists");
@@ -302,6 +308,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     for (name, pool, home) in [
         ("fb-size3", "rbd", None),
+        ("fb-size3h", "rbd", Some("node1")),
         ("fb-size1", "fiobench1", Some("node1")),
     ] {
         let exists = basalt(&["--mon", &mons, "volume", "info", name, "--pool", pool]).is_ok();
@@ -363,6 +370,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     for (name, export) in [
         ("basalt-size3", "fb-size3"),
+        ("basalt-size3-homed", "fb-size3h"),
         ("basalt-size1-homed", "fiobench1/fb-size1"),
     ] {
         targets.push(Target {
