@@ -321,7 +321,7 @@ fn apply_to(map: &mut ClusterMap, command: &Command) -> CommandResult {
                         .ok_or_else(|| CommandError::NotFound(format!("host {host:?}")))?,
                 ),
             };
-            let id = VolumeId(next_id64(map.volumes.keys().map(|v| v.0)));
+            let id = map.allocate_volume_id();
             map.volumes.insert(
                 id,
                 Volume {
@@ -366,6 +366,8 @@ fn apply_to(map: &mut ClusterMap, command: &Command) -> CommandResult {
                 )));
             }
             map.volumes.remove(&id);
+            // Maps from before `next_volume_id` was kept start at 0.
+            map.next_volume_id = map.next_volume_id.max(id.0 + 1);
             Ok(Reply::Volume { volume: id, epoch })
         }
         Command::CreateSnapshot { pool, volume, name } => {
@@ -512,6 +514,64 @@ mod tests {
         )
         .unwrap();
         assert_eq!(map.epoch, epoch);
+    }
+
+    /// A deleted volume's id is never handed out again (a new volume would
+    /// read the old one's data until the OSDs removed it), and the map tells
+    /// deleted ids from ones not handed out yet.
+    #[test]
+    fn volume_ids_are_never_reused() {
+        let mut map = ClusterMap::new();
+        for host in ["n1", "n2", "n3"] {
+            boot(&mut map, host);
+        }
+        create_pool(&mut map);
+        let id = |reply: Result<Reply, CommandError>| match reply {
+            Ok(Reply::Volume { volume, .. }) => volume,
+            other => panic!("{other:?}"),
+        };
+        let delete = |name: &str| Command::DeleteVolume {
+            pool: String::new(),
+            name: name.into(),
+        };
+        assert_eq!(
+            id(apply(&mut map, &create_volume("a", 1 << 30))),
+            VolumeId(0)
+        );
+        assert_eq!(
+            id(apply(&mut map, &create_volume("b", 1 << 30))),
+            VolumeId(1)
+        );
+        // The newest volume goes: its id is the one max + 1 would reuse.
+        assert_eq!(id(apply(&mut map, &delete("b"))), VolumeId(1));
+        assert!(map.volume_was_deleted(VolumeId(1)));
+        assert!(!map.volume_was_deleted(VolumeId(0)), "still exists");
+        assert!(!map.volume_was_deleted(VolumeId(2)), "not handed out yet");
+        assert_eq!(
+            id(apply(&mut map, &create_volume("b", 1 << 30))),
+            VolumeId(2)
+        );
+        apply(&mut map, &delete("a")).unwrap();
+        apply(&mut map, &delete("b")).unwrap();
+        assert!(map.volumes.is_empty());
+        assert_eq!(
+            id(apply(&mut map, &create_volume("c", 1 << 30))),
+            VolumeId(3)
+        );
+        // A map from before the counter was kept: deleting its newest
+        // volume still records the id.
+        let mut old: ClusterMap = serde_json::from_value({
+            let mut value = serde_json::to_value(&map).unwrap();
+            value.as_object_mut().unwrap().remove("next_volume_id");
+            value
+        })
+        .unwrap();
+        assert_eq!(old.next_volume_id, 0);
+        apply(&mut old, &delete("c")).unwrap();
+        assert_eq!(
+            id(apply(&mut old, &create_volume("d", 1 << 30))),
+            VolumeId(4)
+        );
     }
 
     #[test]

@@ -152,6 +152,13 @@ pub struct ClusterMap {
     pub volumes: BTreeMap<VolumeId, Volume>,
     #[serde(default)]
     pub snapshots: BTreeMap<SnapshotId, Snapshot>,
+    /// Every volume id below this one was handed out: ids are never reused,
+    /// so a new volume never finds a deleted one's objects, and an id below
+    /// it that `volumes` lacks names a deleted volume whose objects the
+    /// OSDs remove ([`ClusterMap::volume_was_deleted`]). 0 in maps written
+    /// before it was kept: their deleted volumes are not known.
+    #[serde(default)]
+    pub next_volume_id: u64,
 }
 
 impl Default for ClusterMap {
@@ -172,7 +179,23 @@ impl ClusterMap {
             pools: BTreeMap::new(),
             volumes: BTreeMap::new(),
             snapshots: BTreeMap::new(),
+            next_volume_id: 0,
         }
+    }
+
+    /// Returns a fresh volume id (never one a deleted volume had, as far as
+    /// this map knows) and records it as handed out.
+    pub fn allocate_volume_id(&mut self) -> VolumeId {
+        let id = next_id64(self.volumes.keys().map(|v| v.0)).max(self.next_volume_id);
+        self.next_volume_id = id + 1;
+        VolumeId(id)
+    }
+
+    /// Returns whether `id` belonged to a volume that was deleted. A volume
+    /// newer than this map is not "deleted": an OSD holding an old map may
+    /// already see its first writes.
+    pub fn volume_was_deleted(&self, id: VolumeId) -> bool {
+        id.0 < self.next_volume_id && !self.volumes.contains_key(&id)
     }
 
     /// Returns the zone named `name`, adding it if missing.

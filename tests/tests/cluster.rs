@@ -1,7 +1,8 @@
 //! A 3-node dev cluster as real processes (`basalt dev up`): seeded data
 //! written through the block client at queue depth 16 on a size-3 volume
 //! reads back exactly; each object lives on exactly the three OSDs its PG
-//! maps to; a homed volume's PGs have their primary on the home host;
+//! maps to; a homed volume's PGs have their primary on the home host; a
+//! deleted volume's objects go from every OSD and its id is never reused;
 //! `dev down` leaves no process behind; `dev up` again brings the same data
 //! back.
 
@@ -118,6 +119,51 @@ async fn replicated_volume_round_trip_and_restart() {
     assert_eq!(status["osds"]["up"], 3);
     assert_eq!(status["volumes"], 2);
 
+    // `volume rm` frees the volume's objects on every OSD (checked in the
+    // stores after `dev down`), and its id is never handed out again: a new
+    // volume homed the same way (so on the same PGs) reads zeros, not the
+    // deleted volume's data.
+    let homed_id = homed.id;
+    drop(homed);
+    let out = basalt(&[
+        "--mon",
+        &mons.join(","),
+        "volume",
+        "rm",
+        "homed",
+        "--pool",
+        "rbd",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    create_volume(&mon, "again", 64 * MIB, "node2").await;
+    client.refresh_map().await.unwrap();
+    let again = client.open("rbd", "again").await.unwrap();
+    assert_ne!(again.id, homed_id, "a deleted volume's id was reused");
+    let fresh = again.read(0, 8 * MIB).await.unwrap();
+    assert!(fresh.iter().all(|b| *b == 0), "a new volume shows old data");
+    let homed_pgs: BTreeSet<PgId> = (0..16)
+        .map(|index| map.pg_of_object(homed_id, index).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    loop {
+        let mut left = 0;
+        for pg in &homed_pgs {
+            left += client.pg_stat(*pg).await.unwrap().0;
+        }
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{left} objects of the deleted volume left on its PGs' primaries"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // `pg ls` and `osd ls` see a clean cluster holding the data volume's
     // 64 objects (the homed volume's PGs are not the pool's base PGs).
     let mon_list = mons.join(",");
@@ -171,6 +217,13 @@ async fn replicated_volume_round_trip_and_restart() {
             .await
             .unwrap();
         assert!(store.fsck().await.unwrap().is_clean(), "{osd_dir}");
+        let deleted = store
+            .objects()
+            .unwrap()
+            .into_iter()
+            .filter(|(key, _)| key.object.volume == homed_id)
+            .count();
+        assert_eq!(deleted, 0, "{osd_dir} kept objects of the deleted volume");
         for seed in 0..map.pools[&basalt_placement::PoolId(0)].pg_count {
             let pg = PgId::new(basalt_placement::PoolId(0), seed);
             for (key, _) in store.list_pg(pg).unwrap() {

@@ -1272,6 +1272,17 @@ impl<D: BlockDevice> ObjectStore<D> {
             .collect())
     }
 
+    /// Returns every object of the store with its version.
+    pub fn objects(&self) -> Result<Vec<(ObjectKey, u64)>, StoreError> {
+        Ok(self
+            .inner
+            .meta
+            .all_objects()?
+            .into_iter()
+            .map(|(key, info)| (key, info.version))
+            .collect())
+    }
+
     /// Returns the disk block holding block `index` of an object (for tests
     /// and repair tools).
     pub fn locate(&self, key: &ObjectKey, index: u32) -> Result<Option<u64>, StoreError> {

@@ -323,6 +323,37 @@ impl OsdService {
         )
     }
 
+    /// Removes the objects of volumes deleted as of `map` (see
+    /// [`ClusterMap::volume_was_deleted`]): `basalt volume rm` only changes
+    /// the map, and every OSD frees its own copies when it sees it. A write
+    /// still in flight to the volume may recreate an object after this
+    /// pass; the next map change removes it. Returns how many objects went.
+    pub(super) async fn purge_deleted_volumes(&self, map: &ClusterMap) -> usize {
+        let objects = match self.store.objects() {
+            Ok(objects) => objects,
+            Err(e) => {
+                tracing::warn!("listing objects for deleted volumes failed: {e}");
+                return 0;
+            }
+        };
+        let mut removed: BTreeMap<VolumeId, usize> = BTreeMap::new();
+        for (key, _) in objects {
+            let volume = key.object.volume;
+            if !map.volume_was_deleted(volume) {
+                continue;
+            }
+            if let Err(e) = self.store.delete(&key).await {
+                tracing::warn!("removing {key} of deleted {volume} failed: {e}");
+                break;
+            }
+            *removed.entry(volume).or_default() += 1;
+        }
+        for (volume, objects) in &removed {
+            tracing::info!(%volume, objects, "removed the objects of a deleted volume");
+        }
+        removed.values().sum()
+    }
+
     /// Answers `PgNotify` as `pg`'s primary: an OSD outside the acting set
     /// holds objects of it (it was a member before it went down, and this
     /// PG did not peer since it came back). Removed at once if the PG is
@@ -684,25 +715,30 @@ impl OsdService {
         Ok(())
     }
 
-    /// Returns what `osd` holds of `pg`.
+    /// Returns what `osd` holds of `pg`, but for objects of volumes deleted
+    /// as of `map`: those are never copied, only removed (every OSD removes
+    /// its own, `purge_deleted_volumes`, which may not have run yet there).
     async fn inventory(
         &self,
         osd: OsdId,
         pg: PgId,
         map: &ClusterMap,
     ) -> Result<BTreeMap<ObjectId, u64>, String> {
-        if osd == self.id {
+        let mut objects = if osd == self.id {
             let objects = self.store.list_pg(pg).map_err(|e| e.to_string())?;
-            return Ok(objects
+            objects
                 .into_iter()
                 .map(|(key, version)| (key.object, version))
-                .collect());
-        }
-        let header = OpHeader::for_pg(pg, 0);
-        let payload = self
-            .call_peer(osd, map, Kind::PgList, header.encode_with(&[]))
-            .await?;
-        decode_inventory(payload).ok_or_else(|| format!("{osd} sent a malformed inventory"))
+                .collect()
+        } else {
+            let header = OpHeader::for_pg(pg, 0);
+            let payload = self
+                .call_peer(osd, map, Kind::PgList, header.encode_with(&[]))
+                .await?;
+            decode_inventory(payload).ok_or_else(|| format!("{osd} sent a malformed inventory"))?
+        };
+        objects.retain(|object: &ObjectId, _| !map.volume_was_deleted(object.volume));
+        Ok(objects)
     }
 
     /// Copies `object` of `pg` if it is still to copy; holds the object's
@@ -916,7 +952,8 @@ impl OsdService {
         let mut current = maps.borrow_and_update().clone();
         let mut last_scrub = Instant::now();
         let mut copying: Option<tokio::task::JoinHandle<()>> = None;
-        // The epoch at which this OSD last told primaries about its strays.
+        // The epoch at which this OSD last told primaries about its strays
+        // and removed deleted volumes' objects.
         let mut notified_at = None;
         loop {
             // Placement of this map, once per round.
@@ -965,6 +1002,10 @@ impl OsdService {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = self.notify_strays(&current) => {}
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.purge_deleted_volumes(&current) => {}
                 }
             }
             // Every PG still recovering (client ops may already have copied
