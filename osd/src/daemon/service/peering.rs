@@ -327,13 +327,13 @@ impl OsdService {
     /// [`ClusterMap::volume_was_deleted`]): `basalt volume rm` only changes
     /// the map, and every OSD frees its own copies when it sees it. A write
     /// still in flight to the volume may recreate an object after this
-    /// pass; the next map change removes it. Returns how many objects went.
-    pub(super) async fn purge_deleted_volumes(&self, map: &ClusterMap) -> usize {
+    /// pass; the next map change removes it.
+    pub(super) async fn purge_deleted_volumes(&self, map: &ClusterMap) {
         let objects = match self.store.objects() {
             Ok(objects) => objects,
             Err(e) => {
                 tracing::warn!("listing objects for deleted volumes failed: {e}");
-                return 0;
+                return;
             }
         };
         let mut removed: BTreeMap<VolumeId, usize> = BTreeMap::new();
@@ -351,7 +351,6 @@ impl OsdService {
         for (volume, objects) in &removed {
             tracing::info!(%volume, objects, "removed the objects of a deleted volume");
         }
-        removed.values().sum()
     }
 
     /// Answers `PgNotify` as `pg`'s primary: an OSD outside the acting set
@@ -952,9 +951,13 @@ impl OsdService {
         let mut current = maps.borrow_and_update().clone();
         let mut last_scrub = Instant::now();
         let mut copying: Option<tokio::task::JoinHandle<()>> = None;
-        // The epoch at which this OSD last told primaries about its strays
-        // and removed deleted volumes' objects.
+        // The epoch at which this OSD last told primaries about its strays.
         let mut notified_at = None;
+        // Removal of deleted volumes' objects: in a task of its own (a large
+        // volume is many commits; peering must not wait for them), one at a
+        // time, again for every epoch seen since the last one started.
+        let mut purging: Option<tokio::task::JoinHandle<()>> = None;
+        let mut purged_at = None;
         loop {
             // Placement of this map, once per round.
             let led = self.led_pgs(&current);
@@ -1003,10 +1006,15 @@ impl OsdService {
                     _ = shutdown.cancelled() => return,
                     _ = self.notify_strays(&current) => {}
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = self.purge_deleted_volumes(&current) => {}
-                }
+            }
+            if purged_at != Some(current.epoch)
+                && purging.as_ref().is_none_or(|task| task.is_finished())
+            {
+                purged_at = Some(current.epoch);
+                let (service, map) = (self.clone(), current.clone());
+                purging = Some(tokio::spawn(async move {
+                    service.purge_deleted_volumes(&map).await;
+                }));
             }
             // Every PG still recovering (client ops may already have copied
             // all it had pending: then this only marks it clean), copied in
