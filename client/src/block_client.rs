@@ -220,8 +220,13 @@ impl BlockClient {
                     format!("{status:?}: {message}")
                 }
                 Err(e) => {
-                    if let ClientError::Map(_) = e {
-                        let _ = self.refresh_map().await;
+                    if let ClientError::Map(_) = e
+                        && let Ok(map) = self.refresh_map().await
+                        && !map.volumes.contains_key(&volume)
+                    {
+                        // It was open, so it existed at an earlier epoch:
+                        // deleted since. No retry brings it back.
+                        return Err(ClientError::VolumeDeleted(volume));
                     }
                     e.to_string()
                 }

@@ -19,6 +19,9 @@ pub enum ClientError {
     Map(String),
     #[error("volume {0:?} not found")]
     VolumeNotFound(String),
+    /// The volume was open but the map no longer has it.
+    #[error("{0} was deleted")]
+    VolumeDeleted(basalt_placement::VolumeId),
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error("no space left in the cluster")]

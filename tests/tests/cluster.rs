@@ -2,7 +2,8 @@
 //! written through the block client at queue depth 16 on a size-3 volume
 //! reads back exactly; each object lives on exactly the three OSDs its PG
 //! maps to; a homed volume's PGs have their primary on the home host; a
-//! deleted volume's objects go from every OSD and its id is never reused;
+//! deleted volume's objects go from every OSD, a client that still has it
+//! open gets a clear error, and its id is never reused;
 //! `dev down` leaves no process behind; `dev up` again brings the same data
 //! back.
 
@@ -124,7 +125,6 @@ async fn replicated_volume_round_trip_and_restart() {
     // volume homed the same way (so on the same PGs) reads zeros, not the
     // deleted volume's data.
     let homed_id = homed.id;
-    drop(homed);
     let out = basalt(&[
         "--mon",
         &mons.join(","),
@@ -139,6 +139,17 @@ async fn replicated_volume_round_trip_and_restart() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A client that still has it open gets a clear error at once, not
+    // retries until its retry budget (60 s) runs out.
+    let started = std::time::Instant::now();
+    client.refresh_map().await.unwrap();
+    let late = homed.write(0, &[1u8; 4096], Durability::Durable).await;
+    assert!(
+        matches!(late, Err(basalt_client::ClientError::VolumeDeleted(id)) if id == homed_id),
+        "{late:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(homed);
     create_volume(&mon, "again", 64 * MIB, "node2").await;
     client.refresh_map().await.unwrap();
     let again = client.open("rbd", "again").await.unwrap();
