@@ -542,8 +542,10 @@ mod tests {
             id(apply(&mut map, &create_volume("b", 1 << 30))),
             VolumeId(1)
         );
+        assert!(!map.has_deleted_volumes());
         // The newest volume goes: its id is the one max + 1 would reuse.
         assert_eq!(id(apply(&mut map, &delete("b"))), VolumeId(1));
+        assert!(map.has_deleted_volumes());
         assert!(map.volume_was_deleted(VolumeId(1)));
         assert!(!map.volume_was_deleted(VolumeId(0)), "still exists");
         assert!(!map.volume_was_deleted(VolumeId(2)), "not handed out yet");
@@ -567,6 +569,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(old.next_volume_id, 0);
+        assert!(
+            !old.has_deleted_volumes(),
+            "an old map knows of no deletion"
+        );
         apply(&mut old, &delete("c")).unwrap();
         assert_eq!(
             id(apply(&mut old, &create_volume("d", 1 << 30))),

@@ -198,6 +198,13 @@ impl ClusterMap {
         id.0 < self.next_volume_id && !self.volumes.contains_key(&id)
     }
 
+    /// Returns whether any volume id this map knows of was deleted: every
+    /// existing volume has an id below `next_volume_id`, one each, so this
+    /// is whether fewer exist than were handed out.
+    pub fn has_deleted_volumes(&self) -> bool {
+        (self.volumes.len() as u64) < self.next_volume_id
+    }
+
     /// Returns the zone named `name`, adding it if missing.
     pub fn ensure_zone(&mut self, name: &str) -> ZoneId {
         if let Some((id, _)) = self.zones.iter().find(|(_, zone)| zone.name == name) {

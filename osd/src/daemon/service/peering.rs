@@ -329,6 +329,10 @@ impl OsdService {
     /// still in flight to the volume may recreate an object after this
     /// pass; the next map change removes it.
     pub(super) async fn purge_deleted_volumes(&self, map: &ClusterMap) {
+        // The common case, at every epoch: nothing to look for.
+        if !map.has_deleted_volumes() {
+            return;
+        }
         let objects = match self.store.objects() {
             Ok(objects) => objects,
             Err(e) => {
