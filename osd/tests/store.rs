@@ -1095,7 +1095,10 @@ async fn clones_share_blocks_until_written() {
 /// write-zeroes, clones, deletes and reads on a few objects, against a model
 /// of every block. The block-map cache holds 2 objects of 6, so maps are
 /// loaded, updated, dropped and evicted all the time; any stale map reads
-/// wrong bytes. After a reopen (empty cache) everything reads the same.
+/// wrong bytes. The cache keeps each object's version too: after every
+/// operation the version read must be the model's (a stale cached one
+/// would let a replica drop a newer write or apply an older one). After a
+/// reopen (empty cache) everything reads the same.
 #[tokio::test]
 async fn random_operations_read_back_what_a_model_says() {
     let dir = tempfile::tempdir().unwrap();
@@ -1115,6 +1118,8 @@ async fn random_operations_read_back_what_a_model_says() {
         .map(|k| (*k, vec![None; BLOCKS as usize]))
         .collect();
     let mut exists: HashMap<ObjectKey, bool> = objects.iter().map(|k| (*k, false)).collect();
+    let mut versions: HashMap<ObjectKey, Option<u64>> =
+        objects.iter().map(|k| (*k, None)).collect();
     let mut lengths = HashMap::new();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for id in 1..=600u64 {
@@ -1139,6 +1144,7 @@ async fn random_operations_read_back_what_a_model_says() {
                     blocks[(first + i) as usize] = Some((id, i as usize));
                 }
                 exists.insert(object, true);
+                versions.insert(object, Some(id));
             }
             5 => {
                 store
@@ -1150,11 +1156,13 @@ async fn random_operations_read_back_what_a_model_says() {
                     blocks[i as usize] = None;
                 }
                 exists.insert(object, true);
+                versions.insert(object, Some(id));
             }
             6 => {
                 store.delete(&object).await.unwrap();
                 model.insert(object, vec![None; BLOCKS as usize]);
                 exists.insert(object, false);
+                versions.insert(object, None);
             }
             7 => {
                 let target = objects[rng.random_range(0..objects.len())];
@@ -1167,6 +1175,7 @@ async fn random_operations_read_back_what_a_model_says() {
                     let blocks = model[&object].clone();
                     model.insert(target, blocks);
                     exists.insert(target, true);
+                    versions.insert(target, Some(id));
                 } else {
                     assert!(result.is_err(), "clone {object} -> {target}");
                 }
@@ -1185,13 +1194,22 @@ async fn random_operations_read_back_what_a_model_says() {
                 }
             }
         }
+        for object in &objects {
+            assert_eq!(
+                store.version(object).await.unwrap(),
+                versions[object],
+                "op {id}: version of {object}"
+            );
+        }
     }
     let check = |store: ObjectStore<Arc<MemDevice>>| {
         let model = &model;
         let lengths = &lengths;
         let objects = &objects;
+        let versions = &versions;
         async move {
             for object in objects {
+                assert_eq!(store.version(object).await.unwrap(), versions[object]);
                 let got = store.read(object, 0, BLOCKS * B).await.unwrap();
                 for block in 0..BLOCKS {
                     let want = block_of(model[object][block as usize], lengths);

@@ -14,6 +14,13 @@
 //! write lock. A caller cancelled while it waits leaves no map behind.
 //! A map is loaded on an object's second miss, so a pass over many objects
 //! costs point lookups, not whole-object loads that flush the cache.
+//!
+//! An entry also keeps the object's version (`None`: the object has no
+//! record), under the same rules: every change to an object's record goes
+//! through one of the paths above. A replica reads the version before every
+//! replicated write (to drop a late one); from RocksDB that was a memtable
+//! search of the `objects` column family, ~3% of an OSD's CPU at size-3 4 KiB
+//! random writes (perf: `FindGreaterOrEqual` under `MetaStore::object_info`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,8 +29,13 @@ use super::keys::{BlockEntry, ObjectKey, stripe_of};
 
 const SHARDS: usize = 16;
 
-/// One object's block map: `None` for holes.
-type BlockMap = Vec<Option<BlockEntry>>;
+/// One object's block map (`None` for holes) and version (`None`: no
+/// record).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockMap {
+    pub version: Option<u64>,
+    pub blocks: Vec<Option<BlockEntry>>,
+}
 
 /// One shard: cached maps, and objects missed once (a map is loaded on
 /// the second miss, so a scan over many objects does not flush the cache
@@ -59,7 +71,12 @@ impl MapCache {
         let shard = self.shard(key);
         let map = shard.maps.get(key)?;
         let (first, count) = (first as usize, count as usize);
-        map.get(first..first + count).map(<[_]>::to_vec)
+        map.blocks.get(first..first + count).map(<[_]>::to_vec)
+    }
+
+    /// The version of a cached object (`Some(None)`: cached, no record).
+    pub fn version(&self, key: &ObjectKey) -> Option<Option<u64>> {
+        self.shard(key).maps.get(key).map(|map| map.version)
     }
 
     /// Whether a miss on `key` should load its whole map: on its second
@@ -103,15 +120,23 @@ impl MapCache {
     }
 
     /// Puts back a map taken before a committed write, with entries
-    /// `first ..` set to the write's.
-    pub fn put_back(&self, key: &ObjectKey, mut map: BlockMap, first: u32, entries: &[BlockEntry]) {
+    /// `first ..` set to the write's and the version it set.
+    pub fn put_back(
+        &self,
+        key: &ObjectKey,
+        mut map: BlockMap,
+        first: u32,
+        entries: &[BlockEntry],
+        version: u64,
+    ) {
         let first = first as usize;
-        let Some(slots) = map.get_mut(first..first + entries.len()) else {
+        let Some(slots) = map.blocks.get_mut(first..first + entries.len()) else {
             return;
         };
         for (slot, entry) in slots.iter_mut().zip(entries) {
             *slot = Some(*entry);
         }
+        map.version = Some(version);
         self.insert(key, map);
     }
 

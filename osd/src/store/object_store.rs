@@ -61,7 +61,7 @@ use super::device::BlockDevice;
 use super::error::StoreError;
 use super::journal::{self, INLINE_MAX_BYTES, MAX_RECORD_BYTES};
 use super::keys::{BlockEntry, ObjectInfo, ObjectKey, block_key, object_key, stripe_of};
-use super::map_cache::MapCache;
+use super::map_cache::{BlockMap, MapCache};
 use super::meta::{MetaOp, MetaStore, STORE_FORMAT_VERSION, Superblock};
 use super::uring::{UringConfig, UringDevice};
 
@@ -490,17 +490,21 @@ impl<D: BlockDevice> ObjectStore<D> {
             return self.inner.meta.blocks(key, first, count);
         }
         let blocks = (self.inner.config.max_object_bytes / BLOCK_BYTES as u64) as usize;
-        let mut map = vec![None; blocks];
+        let mut map = BlockMap {
+            version: self.inner.meta.object_info(key)?.map(|info| info.version),
+            blocks: vec![None; blocks],
+        };
         for (index, entry) in self.inner.meta.object_blocks(key)? {
             // Blocks past today's largest object (a smaller
             // `max_object_bytes` than when written) are out of every range
             // a request may name; fsck still sees them.
-            if let Some(slot) = map.get_mut(index as usize) {
+            if let Some(slot) = map.blocks.get_mut(index as usize) {
                 *slot = Some(entry);
             }
         }
         let (start, end) = (first as usize, first as usize + count as usize);
         let out = map
+            .blocks
             .get(start..end)
             .ok_or_else(|| StoreError::Corrupt(format!("{key}: blocks {start}..{end} out of map")))?
             .to_vec();
@@ -724,7 +728,9 @@ impl<D: BlockDevice> ObjectStore<D> {
             .commit_release(ops, !inline, durability, release, buffers)
             .await;
         if let (Ok(()), Some(map)) = (&result, map) {
-            self.inner.maps.put_back(key, map, first, &new_entries);
+            self.inner
+                .maps
+                .put_back(key, map, first, &new_entries, version);
         }
         result
     }
@@ -1227,11 +1233,15 @@ impl<D: BlockDevice> ObjectStore<D> {
         .await
     }
 
-    /// Returns an object's version, or `None` if it does not exist: one
-    /// point lookup (`stat` also counts the allocated blocks, a scan of up to
-    /// 1,024 entries, far too slow for every replicated write).
+    /// Returns an object's version, or `None` if it does not exist: from
+    /// the map cache, else one point lookup (`stat` also counts the
+    /// allocated blocks, a scan of up to 1,024 entries, far too slow for
+    /// every replicated write).
     pub async fn version(&self, key: &ObjectKey) -> Result<Option<u64>, StoreError> {
         let _guard = self.lock(key).read().await;
+        if let Some(version) = self.inner.maps.version(key) {
+            return Ok(version);
+        }
         Ok(self.inner.meta.object_info(key)?.map(|info| info.version))
     }
 
