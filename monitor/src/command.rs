@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use basalt_placement::map::{DEFAULT_ZONE, next_id64, validate_pool, validate_volume_geometry};
+use basalt_placement::map::{DEFAULT_ZONE, validate_pool, validate_volume_geometry};
 use basalt_placement::{
     Balancer, ClusterMap, Epoch, FailureDomain, OsdId, Pool, PoolId, Snapshot, SnapshotId, Upmap,
     Volume, VolumeId, Weight, plan_transition,
@@ -382,7 +382,7 @@ fn apply_to(map: &mut ClusterMap, command: &Command) -> CommandResult {
                     "snapshot {volume}@{name}"
                 )));
             }
-            let id = SnapshotId(next_id64(map.snapshots.keys().map(|s| s.0)));
+            let id = map.allocate_snapshot_id();
             map.snapshots.insert(
                 id,
                 Snapshot {
@@ -405,6 +405,8 @@ fn apply_to(map: &mut ClusterMap, command: &Command) -> CommandResult {
                 .map(|(id, _)| *id)
                 .ok_or_else(|| CommandError::NotFound(format!("snapshot {volume}@{name}")))?;
             map.snapshots.remove(&id);
+            // Maps from before `next_snapshot_id` was kept start at 0.
+            map.next_snapshot_id = map.next_snapshot_id.max(id.0 + 1);
             Ok(Reply::Snapshot {
                 snapshot: id,
                 epoch,
@@ -578,6 +580,47 @@ mod tests {
             id(apply(&mut old, &create_volume("d", 1 << 30))),
             VolumeId(4)
         );
+    }
+
+    /// Snapshot ids are never reused either, including in a map from before
+    /// the counter was kept, once it deleted a snapshot.
+    #[test]
+    fn snapshot_ids_are_never_reused() {
+        let mut map = ClusterMap::new();
+        create_pool(&mut map);
+        apply(&mut map, &create_volume("v", 1 << 30)).unwrap();
+        let snap = |name: &str| Command::CreateSnapshot {
+            pool: String::new(),
+            volume: "v".into(),
+            name: name.into(),
+        };
+        let delete = |name: &str| Command::DeleteSnapshot {
+            pool: String::new(),
+            volume: "v".into(),
+            name: name.into(),
+        };
+        let id = |reply: Result<Reply, CommandError>| match reply {
+            Ok(Reply::Snapshot { snapshot, .. }) => snapshot,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(id(apply(&mut map, &snap("s0"))), SnapshotId(0));
+        assert_eq!(id(apply(&mut map, &snap("s1"))), SnapshotId(1));
+        // The newest goes: max + 1 would hand its id out again.
+        assert_eq!(id(apply(&mut map, &delete("s1"))), SnapshotId(1));
+        assert_eq!(id(apply(&mut map, &snap("s2"))), SnapshotId(2));
+        apply(&mut map, &delete("s0")).unwrap();
+        apply(&mut map, &delete("s2")).unwrap();
+        assert!(map.snapshots.is_empty());
+        assert_eq!(id(apply(&mut map, &snap("s3"))), SnapshotId(3));
+        let mut old: ClusterMap = serde_json::from_value({
+            let mut value = serde_json::to_value(&map).unwrap();
+            value.as_object_mut().unwrap().remove("next_snapshot_id");
+            value
+        })
+        .unwrap();
+        assert_eq!(old.next_snapshot_id, 0);
+        apply(&mut old, &delete("s3")).unwrap();
+        assert_eq!(id(apply(&mut old, &snap("s4"))), SnapshotId(4));
     }
 
     #[test]

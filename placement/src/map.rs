@@ -159,6 +159,11 @@ pub struct ClusterMap {
     /// before it was kept: their deleted volumes are not known.
     #[serde(default)]
     pub next_volume_id: u64,
+    /// Every snapshot id below this one was handed out; as for volumes, a
+    /// deleted snapshot's id is never given to a new one (a snapshot's
+    /// objects are named by its id). 0 in maps written before it was kept.
+    #[serde(default)]
+    pub next_snapshot_id: u64,
 }
 
 impl Default for ClusterMap {
@@ -180,6 +185,7 @@ impl ClusterMap {
             volumes: BTreeMap::new(),
             snapshots: BTreeMap::new(),
             next_volume_id: 0,
+            next_snapshot_id: 0,
         }
     }
 
@@ -189,6 +195,14 @@ impl ClusterMap {
         let id = next_id64(self.volumes.keys().map(|v| v.0)).max(self.next_volume_id);
         self.next_volume_id = id + 1;
         VolumeId(id)
+    }
+
+    /// Returns a fresh snapshot id (never one a deleted snapshot had, as far
+    /// as this map knows) and records it as handed out.
+    pub fn allocate_snapshot_id(&mut self) -> SnapshotId {
+        let id = next_id64(self.snapshots.keys().map(|s| s.0)).max(self.next_snapshot_id);
+        self.next_snapshot_id = id + 1;
+        SnapshotId(id)
     }
 
     /// Returns whether `id` belonged to a volume that was deleted. A volume
