@@ -237,8 +237,9 @@ impl OsdService {
                 // ObjPush: only into a PG this OSD is a member of; the
                 // version guard in the store keeps a late push from ever
                 // replacing newer data.
-                let member = Placer::new(map)
-                    .acting_set(key.pg)
+                let member = self
+                    .acting
+                    .acting_set(map, key.pg)
                     .is_ok_and(|acting| acting.members.contains(&self.id));
                 if !member {
                     return reply(
@@ -291,8 +292,9 @@ impl OsdService {
                 )),
             );
         }
-        let member = Placer::new(map)
-            .acting_set(pg)
+        let member = self
+            .acting
+            .acting_set(map, pg)
             .is_ok_and(|acting| acting.members.contains(&self.id));
         if member {
             return reply(
@@ -377,7 +379,7 @@ impl OsdService {
                 message("a PG notify carries the sender's id, 4 bytes"),
             );
         };
-        let acting = match Placer::new(map).acting_set(pg) {
+        let acting = match self.acting.acting_set(map, pg) {
             Ok(acting) if acting.primary() == Some(self.id) => acting.members,
             _ => {
                 return reply(
@@ -446,8 +448,9 @@ impl OsdService {
     /// round, one that is down now keeps its copy until the PG peers again.
     async fn remove_strays(&self, pg: PgId, acting: &[OsdId]) -> bool {
         let map = self.map.borrow().clone();
-        let settled = Placer::new(&map)
-            .acting_set(pg)
+        let settled = self
+            .acting
+            .acting_set(&map, pg)
             .is_ok_and(|now| now.members == acting);
         if !settled || !self.is_active(pg, acting, &map) {
             return false;
