@@ -564,12 +564,7 @@ mod tests {
         );
         // A map from before the counter was kept: deleting its newest
         // volume still records the id.
-        let mut old: ClusterMap = serde_json::from_value({
-            let mut value = serde_json::to_value(&map).unwrap();
-            value.as_object_mut().unwrap().remove("next_volume_id");
-            value
-        })
-        .unwrap();
+        let mut old = without_field(&map, "next_volume_id");
         assert_eq!(old.next_volume_id, 0);
         assert!(
             !old.has_deleted_volumes(),
@@ -580,6 +575,13 @@ mod tests {
             id(apply(&mut old, &create_volume("d", 1 << 30))),
             VolumeId(4)
         );
+    }
+
+    /// `map` as a map written before `field` existed.
+    fn without_field(map: &ClusterMap, field: &str) -> ClusterMap {
+        let mut value = serde_json::to_value(map).unwrap();
+        value.as_object_mut().unwrap().remove(field);
+        serde_json::from_value(value).unwrap()
     }
 
     /// Snapshot ids are never reused either, including in a map from before
@@ -612,12 +614,7 @@ mod tests {
         apply(&mut map, &delete("s2")).unwrap();
         assert!(map.snapshots.is_empty());
         assert_eq!(id(apply(&mut map, &snap("s3"))), SnapshotId(3));
-        let mut old: ClusterMap = serde_json::from_value({
-            let mut value = serde_json::to_value(&map).unwrap();
-            value.as_object_mut().unwrap().remove("next_snapshot_id");
-            value
-        })
-        .unwrap();
+        let mut old = without_field(&map, "next_snapshot_id");
         assert_eq!(old.next_snapshot_id, 0);
         apply(&mut old, &delete("s3")).unwrap();
         assert_eq!(id(apply(&mut old, &snap("s4"))), SnapshotId(4));
