@@ -365,9 +365,7 @@ fn apply_to(map: &mut ClusterMap, command: &Command) -> CommandResult {
                     "volume {name:?} has {snapshots} snapshot(s); delete them first"
                 )));
             }
-            map.volumes.remove(&id);
-            // Maps from before `next_volume_id` was kept start at 0.
-            map.next_volume_id = map.next_volume_id.max(id.0 + 1);
+            map.remove_volume(id);
             Ok(Reply::Volume { volume: id, epoch })
         }
         Command::CreateSnapshot { pool, volume, name } => {
@@ -404,9 +402,7 @@ fn apply_to(map: &mut ClusterMap, command: &Command) -> CommandResult {
                 .find(|(_, s)| s.volume == volume_id && s.name == *name)
                 .map(|(id, _)| *id)
                 .ok_or_else(|| CommandError::NotFound(format!("snapshot {volume}@{name}")))?;
-            map.snapshots.remove(&id);
-            // Maps from before `next_snapshot_id` was kept start at 0.
-            map.next_snapshot_id = map.next_snapshot_id.max(id.0 + 1);
+            map.remove_snapshot(id);
             Ok(Reply::Snapshot {
                 snapshot: id,
                 epoch,

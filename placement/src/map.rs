@@ -192,17 +192,32 @@ impl ClusterMap {
     /// Returns a fresh volume id (never one a deleted volume had, as far as
     /// this map knows) and records it as handed out.
     pub fn allocate_volume_id(&mut self) -> VolumeId {
-        let id = next_id64(self.volumes.keys().map(|v| v.0)).max(self.next_volume_id);
-        self.next_volume_id = id + 1;
-        VolumeId(id)
+        VolumeId(allocate_id(
+            &mut self.next_volume_id,
+            self.volumes.keys().map(|v| v.0),
+        ))
+    }
+
+    /// Removes a volume; its id stays handed out (see `next_volume_id`).
+    pub fn remove_volume(&mut self, id: VolumeId) -> Option<Volume> {
+        // Maps from before the counter was kept start it at 0.
+        self.next_volume_id = self.next_volume_id.max(id.0 + 1);
+        self.volumes.remove(&id)
     }
 
     /// Returns a fresh snapshot id (never one a deleted snapshot had, as far
     /// as this map knows) and records it as handed out.
     pub fn allocate_snapshot_id(&mut self) -> SnapshotId {
-        let id = next_id64(self.snapshots.keys().map(|s| s.0)).max(self.next_snapshot_id);
-        self.next_snapshot_id = id + 1;
-        SnapshotId(id)
+        SnapshotId(allocate_id(
+            &mut self.next_snapshot_id,
+            self.snapshots.keys().map(|s| s.0),
+        ))
+    }
+
+    /// Removes a snapshot; its id stays handed out (see `next_snapshot_id`).
+    pub fn remove_snapshot(&mut self, id: SnapshotId) -> Option<Snapshot> {
+        self.next_snapshot_id = self.next_snapshot_id.max(id.0 + 1);
+        self.snapshots.remove(&id)
     }
 
     /// Returns whether `id` belonged to a volume that was deleted. A volume
@@ -434,6 +449,14 @@ pub fn validate_volume_geometry(size_bytes: u64, object_size_bytes: u64) -> Resu
 /// Returns one more than the largest id, or 0.
 pub fn next_id64(existing: impl Iterator<Item = u64>) -> u64 {
     existing.max().map_or(0, |max| max + 1)
+}
+
+/// An id above every `existing` one and at least `next` (ids handed out
+/// before, possibly deleted since); `next` moves past it.
+fn allocate_id(next: &mut u64, existing: impl Iterator<Item = u64>) -> u64 {
+    let id = next_id64(existing).max(*next);
+    *next = id + 1;
+    id
 }
 
 fn next_id(existing: impl Iterator<Item = u32>) -> u32 {
