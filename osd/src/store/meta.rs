@@ -106,9 +106,16 @@ impl MetaStore {
         // After a power loss RocksDB comes back with a prefix of its writes:
         // journal replay (`journal`) relies on it.
         options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
-        let descriptors = COLUMN_FAMILIES
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        // One writer (the committer): memtable inserts need no concurrency,
+        // and the insert hints (`column_family_options`) work only without.
+        options.set_allow_concurrent_memtable_write(false);
+        let mut descriptors = Vec::with_capacity(COLUMN_FAMILIES.len());
+        for name in COLUMN_FAMILIES {
+            descriptors.push(ColumnFamilyDescriptor::new(
+                name,
+                column_family_options(name)?,
+            ));
+        }
         let db = DB::open_cf_descriptors(&options, path, descriptors)?;
         Ok(MetaStore { db })
     }
@@ -351,6 +358,27 @@ impl MetaStore {
         self.db.write_opt(batch, &options)?;
         Ok(())
     }
+}
+
+/// Options of one column family.
+///
+/// `objects` and `blocks` get a memtable insert hint per object (RocksDB's
+/// `memtable_insert_with_hint_prefix_extractor`, prefix = the object key):
+/// each memtable insert starts its skip-list search from where the last
+/// insert for the same object ended instead of from the top of the list.
+/// Every write changes one object's version (the same `objects` key over
+/// and over, the case the option is made for) and some of its blocks (keys
+/// next to each other). The hint applies to non-concurrent memtable writes
+/// only; the store has one writer, the committer, and turns concurrent
+/// memtable writes off.
+fn column_family_options(name: &str) -> Result<Options, StoreError> {
+    if name == CF_OBJECTS || name == CF_BLOCKS {
+        let hint = format!(
+            "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{OBJECT_KEY_BYTES}"
+        );
+        return Ok(Options::default().get_options_from_string(hint)?);
+    }
+    Ok(Options::default())
 }
 
 fn encode_ref(count: u32) -> [u8; 5] {
