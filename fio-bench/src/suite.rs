@@ -85,6 +85,49 @@ pub struct Result {
     pub daemon_cores: f64,
     /// IOPS per core of daemon CPU (0 when the target has no daemons).
     pub iops_per_daemon_core: f64,
+    /// IOPS of each round (`--rounds`), in the order they ran.
+    #[serde(default)]
+    pub round_iops: Vec<f64>,
+}
+
+/// Combines the rounds of one workload on one target into one result:
+/// IOPS, MiB/s and daemon cores are the rounds' means, the mean latency is
+/// weighted by each round's IOPS, and each percentile is the mean of the
+/// rounds' percentiles (fio reports percentiles, not histograms, so they
+/// cannot be merged exactly). `None` without rounds.
+pub fn combine(rounds: &[Result]) -> Option<Result> {
+    let first = rounds.first()?;
+    let n = rounds.len() as f64;
+    let mean = |f: fn(&Result) -> f64| rounds.iter().map(f).sum::<f64>() / n;
+    let iops = mean(|r| r.iops);
+    let daemon_cores = mean(|r| r.daemon_cores);
+    let total_iops: f64 = rounds.iter().map(|r| r.iops).sum();
+    let latency_us_mean = if total_iops > 0.0 {
+        rounds
+            .iter()
+            .map(|r| r.latency_us_mean * r.iops)
+            .sum::<f64>()
+            / total_iops
+    } else {
+        mean(|r| r.latency_us_mean)
+    };
+    Some(Result {
+        target: first.target.clone(),
+        workload: first.workload.clone(),
+        iops,
+        mib_per_sec: mean(|r| r.mib_per_sec),
+        latency_us_mean,
+        latency_us_p50: mean(|r| r.latency_us_p50),
+        latency_us_p99: mean(|r| r.latency_us_p99),
+        latency_us_p999: mean(|r| r.latency_us_p999),
+        daemon_cores,
+        iops_per_daemon_core: if daemon_cores > 0.0 {
+            iops / daemon_cores
+        } else {
+            0.0
+        },
+        round_iops: rounds.iter().map(|r| r.iops).collect(),
+    })
 }
 
 /// CPU seconds (user + system) used so far by `pids`, from /proc.
@@ -134,13 +177,14 @@ pub fn prefill(target: &Target, size: u64) -> anyhow::Result<()> {
 }
 
 /// Runs one section of `job_file` against `target`; keeps fio's JSON in
-/// `raw_dir`.
+/// `raw_dir` (`TARGET-WORKLOAD.json` for round 1, `...-roundN.json` after).
 pub fn run(
     job_file: &Path,
     workload: &str,
     target: &Target,
     size: u64,
     raw_dir: &Path,
+    round: u32,
 ) -> anyhow::Result<Result> {
     // The job file as run, with the target's option lines in place (kept
     // next to the raw results, so the exact run can be repeated).
@@ -171,8 +215,13 @@ pub fn run(
     }
     // fio's nbd engine prints a line before its JSON.
     let start = text.find('{').context("fio printed no JSON")?;
+    let suffix = if round > 1 {
+        format!("-round{round}")
+    } else {
+        String::new()
+    };
     std::fs::write(
-        raw_dir.join(format!("{}-{workload}.json", target.name)),
+        raw_dir.join(format!("{}-{workload}{suffix}.json", target.name)),
         &text[start..],
     )
     .context("write raw fio JSON")?;
@@ -229,5 +278,46 @@ pub fn parse(
         } else {
             0.0
         },
+        round_iops: vec![iops],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(iops: f64, mean: f64, p99: f64, cores: f64) -> Result {
+        Result {
+            target: "t".into(),
+            workload: "w".into(),
+            iops,
+            mib_per_sec: iops / 256.0,
+            latency_us_mean: mean,
+            latency_us_p50: mean,
+            latency_us_p99: p99,
+            latency_us_p999: p99 * 2.0,
+            daemon_cores: cores,
+            iops_per_daemon_core: iops / cores,
+            round_iops: vec![iops],
+        }
+    }
+
+    #[test]
+    fn rounds_combine_into_means_with_latency_weighted_by_iops() {
+        let combined = combine(&[
+            round(1000.0, 100.0, 300.0, 0.5),
+            round(3000.0, 50.0, 100.0, 1.5),
+        ])
+        .expect("two rounds");
+        assert_eq!(combined.iops, 2000.0);
+        assert_eq!(combined.mib_per_sec, 2000.0 / 256.0);
+        // 1,000 ops at 100 µs and 3,000 at 50 µs.
+        assert_eq!(combined.latency_us_mean, 62.5);
+        assert_eq!(combined.latency_us_p99, 200.0);
+        assert_eq!(combined.latency_us_p999, 400.0);
+        assert_eq!(combined.daemon_cores, 1.0);
+        assert_eq!(combined.iops_per_daemon_core, 2000.0);
+        assert_eq!(combined.round_iops, vec![1000.0, 3000.0]);
+        assert!(combine(&[]).is_none());
+    }
 }

@@ -3,7 +3,8 @@
 //! Basalt volumes unhomed and homed on the gateway's node, and a homed size-1
 //! one), with non-zero IOPS, ordered latency
 //! percentiles and daemon CPU accounted, and the table, summary and plot are
-//! written. The harness cannot silently break.
+//! written. Two rounds: every figure is the mean of both, and both rounds'
+//! raw JSON is kept. The harness cannot silently break.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
@@ -25,6 +26,8 @@ fn quick_suite_produces_a_sane_result_for_every_target_and_workload() {
             "1G",
             "--size",
             "64M",
+            "--rounds",
+            "2",
             "--out",
             out.path().to_str().unwrap(),
         ],
@@ -64,16 +67,29 @@ fn quick_suite_produces_a_sane_result_for_every_target_and_workload() {
             assert!(f("latency_us_p50") > 0.0, "{r}");
             assert!(f("latency_us_p50") <= f("latency_us_p99"), "{r}");
             assert!(f("latency_us_p99") <= f("latency_us_p999"), "{r}");
+            let rounds: Vec<f64> = r["round_iops"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(rounds.len(), 2, "{r}");
+            assert!(rounds.iter().all(|&iops| iops > 0.0), "{r}");
+            let mean = rounds.iter().sum::<f64>() / 2.0;
+            assert!(
+                (f("iops") - mean).abs() < 1e-6 * mean,
+                "not the rounds' mean: {r}"
+            );
             if target.starts_with("basalt") {
                 assert!(f("daemon_cores") > 0.0, "daemon CPU not accounted: {r}");
                 assert!(f("iops_per_daemon_core") > 0.0, "{r}");
             }
-            assert!(
-                out.path()
-                    .join("raw")
-                    .join(format!("{target}-{workload}.json"))
-                    .exists()
-            );
+            for name in [
+                format!("{target}-{workload}.json"),
+                format!("{target}-{workload}-round2.json"),
+            ] {
+                assert!(out.path().join("raw").join(&name).exists(), "no {name}");
+            }
         }
     }
     let plot = std::fs::read_to_string(out.path().join("plot.svg")).unwrap();

@@ -60,6 +60,12 @@ struct RunArgs {
     /// Size of every target (volume, raw file), e.g. 1G.
     #[arg(long, default_value = "1G")]
     size: String,
+    /// Runs of every workload on every target. Within a workload the
+    /// targets take turns, round after round, so that the machine's drift
+    /// (tens of percent within minutes on a shared machine) falls on every
+    /// target alike; each figure is the rounds' mean (`suite::combine`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
     /// Ceph configuration file; with --ceph-pool, Ceph RBD is measured too
     /// (image `fio-bench` in that pool, which must exist).
     #[arg(long)]
@@ -396,27 +402,39 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         suite::prefill(target, size)?;
     }
 
-    // The suite: every workload on every target, one fio run each.
-    let total = WORKLOADS.len() * targets.len();
+    // The suite: every workload on every target, one fio run each per
+    // round; within a workload the targets take turns.
+    let total = WORKLOADS.len() * targets.len() * args.rounds as usize;
     let mut results = Vec::new();
-    for (w, workload) in WORKLOADS.iter().enumerate() {
-        for (t, target) in targets.iter().enumerate() {
-            let step = w * targets.len() + t + 1;
-            let result = suite::run(&job_file, workload, target, size, &raw_dir)?;
-            progress(&format!(
-                "[{step}/{total}] {workload} on {}: {:.0} IOPS, {:.1} MiB/s, p99 {:.0} µs",
-                target.name, result.iops, result.mib_per_sec, result.latency_us_p99
-            ));
-            results.push(result);
+    let mut step = 0;
+    for workload in WORKLOADS {
+        let mut rounds: Vec<Vec<suite::Result>> = vec![Vec::new(); targets.len()];
+        for round in 1..=args.rounds {
+            for (t, target) in targets.iter().enumerate() {
+                step += 1;
+                let result = suite::run(&job_file, workload, target, size, &raw_dir, round)?;
+                let of_rounds = if args.rounds > 1 {
+                    format!(" (round {round}/{})", args.rounds)
+                } else {
+                    String::new()
+                };
+                progress(&format!(
+                    "[{step}/{total}] {workload} on {}{of_rounds}: {:.0} IOPS, {:.1} MiB/s, p99 {:.0} µs",
+                    target.name, result.iops, result.mib_per_sec, result.latency_us_p99
+                ));
+                rounds[t].push(result);
+            }
         }
+        results.extend(rounds.iter().filter_map(|r| suite::combine(r)));
     }
 
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     let machine = machine();
     let table = report::markdown(&results, &WORKLOADS, &names);
     let markdown = format!(
-        "# fio-bench, {} suite\n\n{machine}\nTarget size {size} bytes; Basalt on a {}-node dev cluster (`{}`), fio's nbd engine through node1's gateway; `daemon cores` = CPU of every OSD and gateway process during the run.\n\n{table}",
+        "# fio-bench, {} suite\n\n{machine}\nTarget size {size} bytes; {} round(s), figures are the rounds' means; Basalt on a {}-node dev cluster (`{}`), fio's nbd engine through node1's gateway; `daemon cores` = CPU of every OSD and gateway process during the run.\n\n{table}",
         args.suite,
+        args.rounds,
         record["nodes"].as_u64().unwrap_or(0),
         cluster_dir.display()
     );
@@ -426,6 +444,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         serde_json::to_vec_pretty(&serde_json::json!({
             "suite": args.suite,
             "size_bytes": size,
+            "rounds": args.rounds,
             "machine": machine,
             "targets": targets,
             "results": results,
