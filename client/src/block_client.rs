@@ -365,6 +365,7 @@ impl BlockClient {
             // or handed over without a copy).
             payload: header.encode_with(&[]),
             tail: data,
+            data_crcs: None,
         };
         let reply = self
             .pool
@@ -498,6 +499,7 @@ impl BlockClient {
                         status: 0,
                         payload: Bytes::new(),
                         tail: Bytes::new(),
+                        data_crcs: None,
                     };
                     match self
                         .pool

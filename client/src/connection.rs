@@ -268,6 +268,7 @@ mod tests {
                     flags: FLAG_REPLY,
                     payload: Bytes::from(payload),
                     tail: Bytes::new(),
+                    data_crcs: None,
                     ..frame
                 })
             })
@@ -283,6 +284,7 @@ mod tests {
             status: 0,
             payload: Bytes::from_static(payload),
             tail: Bytes::new(),
+            data_crcs: None,
         }
     }
 

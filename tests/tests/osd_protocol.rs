@@ -26,6 +26,7 @@ fn frame(kind: Kind, epoch: u64, payload: Bytes) -> Frame {
         status: 0,
         payload,
         tail: Bytes::new(),
+        data_crcs: None,
     }
 }
 

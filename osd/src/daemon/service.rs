@@ -24,8 +24,9 @@ use std::time::Duration;
 
 use basalt_client::ConnectionPool;
 use basalt_placement::{ActingCache, ClusterMap, OsdId, PgId};
+use basalt_wire::crc::{CRC_BLOCK_BYTES, block_crcs};
 use basalt_wire::op::OP_ALLOCATE;
-use basalt_wire::{Durability, FLAG_REPLY, Frame, Kind, OpHeader, Status};
+use basalt_wire::{BlockCrcs, Durability, FLAG_REPLY, Frame, Kind, OpHeader, Status};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
 
@@ -85,6 +86,7 @@ fn reply(request: &Frame, status: Status, epoch: u64, payload: Bytes) -> Frame {
         status: status as u32,
         payload,
         tail: Bytes::new(),
+        data_crcs: None,
     }
 }
 
@@ -245,7 +247,10 @@ impl OsdService {
                     )),
                 );
             }
-            return self.apply_local(&frame, &header, &key, data, epoch).await;
+            let crcs = frame.data_crcs_of(data.len()).cloned();
+            return self
+                .apply_local(&frame, &header, &key, data, crcs, epoch)
+                .await;
         }
         if acting.primary() != Some(self.id) {
             return reply(
@@ -375,12 +380,33 @@ impl OsdService {
                 // The op header alone; the data is the frame's tail, sent to
                 // each replica from the buffer it arrived in.
                 let payload = header.encode_with(&[]);
-                let local = self.apply_local(&frame, &header, &key, data.clone(), epoch);
+                // The data's block crcs, hashed once: on arrival (a decoded
+                // frame has them), or here for a frame handed over in
+                // process. The store and every replica's frame use them.
+                let crcs = match frame.data_crcs_of(data.len()) {
+                    Some(crcs) => Some(crcs.clone()),
+                    None if frame.kind == Kind::Write
+                        && !data.is_empty()
+                        && data.len().is_multiple_of(CRC_BLOCK_BYTES) =>
+                    {
+                        Some(BlockCrcs::from(block_crcs(&data)))
+                    }
+                    None => None,
+                };
+                let local =
+                    self.apply_local(&frame, &header, &key, data.clone(), crcs.clone(), epoch);
                 let remotes = acting.members[1..]
                     .iter()
                     .filter(|osd| !skipped.contains(osd))
                     .map(|osd| {
-                        self.call_peer_with(*osd, &map, replica_kind, payload.clone(), data.clone())
+                        self.call_peer_with(
+                            *osd,
+                            &map,
+                            replica_kind,
+                            payload.clone(),
+                            data.clone(),
+                            crcs.clone(),
+                        )
                     });
                 let (local, remotes) = tokio::join!(local, futures::future::join_all(remotes));
                 if local.status != Status::Ok as u32 {
@@ -451,12 +477,13 @@ impl OsdService {
         kind: Kind,
         payload: Bytes,
     ) -> Result<Bytes, String> {
-        self.call_peer_with(osd, map, kind, payload, Bytes::new())
+        self.call_peer_with(osd, map, kind, payload, Bytes::new(), None)
             .await
     }
 
     /// `call_peer` with more payload after `payload`, sent without joining
-    /// the two (a replicated write's data).
+    /// the two (a replicated write's data), with the tail's block crcs when
+    /// known (`Frame::data_crcs`).
     async fn call_peer_with(
         &self,
         osd: OsdId,
@@ -464,6 +491,7 @@ impl OsdService {
         kind: Kind,
         payload: Bytes,
         tail: Bytes,
+        tail_crcs: Option<BlockCrcs>,
     ) -> Result<Bytes, String> {
         let addr = map
             .osds
@@ -479,6 +507,7 @@ impl OsdService {
             status: 0,
             payload,
             tail,
+            data_crcs: tail_crcs,
         };
         let timeout = if matches!(
             kind,
@@ -512,12 +541,15 @@ impl OsdService {
         }
     }
 
+    /// Applies a write, write-zeroes or discard to this OSD's store; a
+    /// write's `crcs` are its data's block crcs when known.
     async fn apply_local(
         &self,
         frame: &Frame,
         header: &OpHeader,
         key: &ObjectKey,
         data: Bytes,
+        crcs: Option<BlockCrcs>,
         epoch: u64,
     ) -> Frame {
         if matches!(
@@ -556,7 +588,14 @@ impl OsdService {
                     );
                 }
                 self.store
-                    .write_with(key, header.offset, &data, header.version, durability)
+                    .write_with_crcs(
+                        key,
+                        header.offset,
+                        &data,
+                        crcs.as_deref(),
+                        header.version,
+                        durability,
+                    )
                     .await
             }
             Kind::WriteZeroes | Kind::RepWriteZeroes => {

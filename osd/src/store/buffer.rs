@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex};
 
 /// Size of one store block and the O_DIRECT alignment.
 pub const BLOCK_BYTES: usize = 4096;
+// Block crcs hashed on arrival (`basalt_wire::crc`) are the store's.
+const _: () = assert!(BLOCK_BYTES == basalt_wire::crc::CRC_BLOCK_BYTES);
 
 /// Size of a large pool slot: the longest run one I/O covers.
 pub const LARGE_BUFFER_BYTES: usize = 1 << 20;

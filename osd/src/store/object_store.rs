@@ -641,6 +641,23 @@ impl<D: BlockDevice> ObjectStore<D> {
         version: u64,
         durability: Durability,
     ) -> Result<(), StoreError> {
+        self.write_with_crcs(key, offset, data, None, version, durability)
+            .await
+    }
+
+    /// `write_with`, given the crc32c of each block of `data` when the
+    /// caller has them (hashed once on arrival: `basalt_wire::crc`); they
+    /// are what the block map records, so they must be the data's. Without
+    /// them, or with a wrong count, the store hashes the data itself.
+    pub async fn write_with_crcs(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        data: &[u8],
+        crcs: Option<&[u32]>,
+        version: u64,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
         self.check_range(key, offset, data.len() as u64)?;
         self.check_failed()?;
         let _guard = self.lock(key).write().await;
@@ -648,7 +665,22 @@ impl<D: BlockDevice> ObjectStore<D> {
         let count = (data.len() / BLOCK_BYTES) as u32;
         let runs = self.allocate_or_flush(count as u64).await?;
 
-        let crcs: Vec<u32> = data.chunks(BLOCK_BYTES).map(crc32c::crc32c).collect();
+        let crcs: std::borrow::Cow<'_, [u32]> = match crcs {
+            Some(crcs) if crcs.len() == count as usize => {
+                debug_assert!(
+                    data.chunks(BLOCK_BYTES)
+                        .map(crc32c::crc32c)
+                        .eq(crcs.iter().copied()),
+                    "block crcs given with a write are not its data's"
+                );
+                crcs.into()
+            }
+            _ => data
+                .chunks(BLOCK_BYTES)
+                .map(crc32c::crc32c)
+                .collect::<Vec<u32>>()
+                .into(),
+        };
         // A small durable write goes out with its journal record, from the
         // committer: one device round trip instead of two. So does a small
         // buffered one while the client flushes: its record is written
