@@ -179,9 +179,15 @@ where
 }
 
 /// Reads a request's `len` bytes of payload into a buffer of its own (not
-/// zeroed first; sent on to the OSDs without a copy).
+/// zeroed first; sent on to the OSDs without a copy). A large one is placed
+/// at an aligned address, so that the node's own OSD writes it to disk
+/// without copying it either (`basalt_wire::aligned_buffer`).
 async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<Bytes> {
-    let mut payload = BytesMut::with_capacity(len);
+    let mut payload = if len >= basalt_wire::ALIGN_PAYLOADS_FROM {
+        basalt_wire::aligned_buffer(len, 0)
+    } else {
+        BytesMut::with_capacity(len)
+    };
     while payload.len() < len {
         // Limited to what is missing: the buffer may have more room, and
         // the next request's header must stay in the reader.

@@ -42,6 +42,29 @@ pub const MAX_PAYLOAD_BYTES: usize = (8 << 20) + 4096;
 /// Flag: this frame answers the request with the same id.
 pub const FLAG_REPLY: u32 = 1;
 
+/// Alignment of the blocks of large payloads in memory (`aligned_buffer`).
+pub const PAYLOAD_ALIGN: usize = crc::CRC_BLOCK_BYTES;
+/// Payloads at least this long are read into an aligned buffer of their own:
+/// the store writes their blocks to disk straight from it with O_DIRECT
+/// instead of copying them into an aligned buffer first (a copy per copy of
+/// the data, 7% of the OSDs' CPU at 1 MiB writes). Shorter ones cost less to
+/// copy than a buffer of their own.
+pub const ALIGN_PAYLOADS_FROM: usize = 64 << 10;
+
+/// An empty buffer with room for `capacity` bytes, placed so that the byte
+/// at index `head` sits at a `PAYLOAD_ALIGN`-aligned address: read a payload
+/// of `head` bytes of op header and then whole blocks into it, and the
+/// blocks are aligned for O_DIRECT. It stays put as long as it is not grown
+/// beyond `capacity`.
+pub fn aligned_buffer(capacity: usize, head: usize) -> BytesMut {
+    let mut buffer = BytesMut::with_capacity(capacity + PAYLOAD_ALIGN);
+    let at = buffer.as_ptr() as usize + head;
+    let skip = at.next_multiple_of(PAYLOAD_ALIGN) - at;
+    buffer.resize(skip, 0);
+    buffer.advance(skip);
+    buffer
+}
+
 /// When a change may be acknowledged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Durability {
@@ -418,6 +441,16 @@ impl Decoder for FrameCodec {
                 return Err(WireError::PayloadTooLarge(payload_len));
             }
             src.advance(HEADER_BYTES);
+            if payload_len >= ALIGN_PAYLOADS_FROM && src.len() < payload_len {
+                // The rest of the payload is read straight into a buffer
+                // that puts its whole blocks at aligned addresses (room for
+                // the next frame's header too); what arrived of it already
+                // is copied over, as growing the old buffer would.
+                let head = payload_len % crc::CRC_BLOCK_BYTES;
+                let mut aligned = aligned_buffer(payload_len + HEADER_BYTES, head);
+                aligned.extend_from_slice(src);
+                *src = aligned;
+            }
             self.pending = Some((
                 kind,
                 flags,
@@ -507,6 +540,59 @@ mod tests {
         }
         assert_eq!(decoded, Some(original));
         assert!(buffer.is_empty());
+    }
+
+    /// A large payload read in pieces (as from a socket) comes out with its
+    /// whole blocks at an aligned address, ready for O_DIRECT; a short one
+    /// is left where it lands.
+    #[test]
+    fn large_payloads_arrive_with_aligned_blocks() {
+        for (head, blocks) in [(52, 64), (0, 32), (52, 1)] {
+            let payload: Vec<u8> = (0..head + blocks * crc::CRC_BLOCK_BYTES)
+                .map(|i| (i % 251) as u8)
+                .collect();
+            let original = frame(&payload);
+            let bytes = encode(original.clone());
+            let mut codec = FrameCodec::default();
+            let mut buffer = BytesMut::new();
+            let mut decoded = None;
+            for piece in bytes.chunks(5000) {
+                buffer.extend_from_slice(piece);
+                if let Some(frame) = codec.decode(&mut buffer).unwrap() {
+                    decoded = Some(frame);
+                }
+            }
+            let decoded = decoded.expect("a whole frame");
+            assert_eq!(decoded, original);
+            let data = decoded.payload.slice(head..);
+            if payload.len() >= ALIGN_PAYLOADS_FROM {
+                assert_eq!(
+                    data.as_ptr() as usize % PAYLOAD_ALIGN,
+                    0,
+                    "{head} + {blocks}"
+                );
+            }
+            assert_eq!(
+                decoded.data_crcs_of(data.len()).map(|c| c.to_vec()),
+                Some(crc::block_crcs(&data))
+            );
+        }
+    }
+
+    #[test]
+    fn aligned_buffers_place_their_head_before_an_aligned_address() {
+        for head in [0, 52, 4095] {
+            let mut buffer = aligned_buffer(1 << 20, head);
+            assert!(buffer.is_empty() && buffer.capacity() >= 1 << 20);
+            let start = buffer.as_ptr() as usize;
+            buffer.resize(1 << 20, 3);
+            assert_eq!(
+                buffer.as_ptr() as usize,
+                start,
+                "filling it must not move it"
+            );
+            assert_eq!((start + head) % PAYLOAD_ALIGN, 0);
+        }
     }
 
     #[test]

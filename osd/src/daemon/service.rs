@@ -588,7 +588,7 @@ impl OsdService {
                     );
                 }
                 self.store
-                    .write_with_crcs(
+                    .write_bytes_with(
                         key,
                         header.offset,
                         &data,

@@ -10,6 +10,11 @@
 //! A buffer handed to the kernel must outlive any future that gave it up:
 //! every `IoBuf` is owned (moved into the request, handed back on completion)
 //! and frees itself on drop, back into the pool when it came from there.
+//!
+//! A write may also go out straight from the `Bytes` its data arrived in,
+//! when they happen to be aligned (`IoBuf::shared`: the frame decoder and the
+//! NBD gateway put large payloads' blocks at aligned addresses): no copy into
+//! a pool slot. Such a buffer is read-only; nothing reads into it.
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ops::{Deref, DerefMut};
@@ -34,11 +39,20 @@ pub struct IoBuf {
 
 enum Origin {
     Heap,
-    Pool { pool: Arc<PoolInner>, slot: u16 },
+    Pool {
+        pool: Arc<PoolInner>,
+        slot: u16,
+    },
+    /// Read-only memory of a `Bytes`, held (never read through this field)
+    /// until the buffer is dropped.
+    Shared {
+        _bytes: bytes::Bytes,
+    },
 }
 
 // SAFETY: an IoBuf uniquely owns its memory (a heap allocation or a pool slot
-// that no one else holds until the buffer is dropped).
+// that no one else holds until the buffer is dropped), or holds a reference
+// to immutable `Bytes` and never hands out mutable access to it.
 unsafe impl Send for IoBuf {}
 // SAFETY: shared access only hands out `&[u8]`.
 unsafe impl Sync for IoBuf {}
@@ -60,10 +74,35 @@ impl IoBuf {
         }
     }
 
+    /// A read-only buffer over `bytes`, when they are block-aligned in
+    /// memory and a non-zero number of blocks long (what O_DIRECT takes);
+    /// `None` otherwise. Only ever written from, never read into.
+    pub fn shared(bytes: bytes::Bytes) -> Option<IoBuf> {
+        let len = bytes.len();
+        if len == 0
+            || !len.is_multiple_of(BLOCK_BYTES)
+            || !(bytes.as_ptr() as usize).is_multiple_of(BLOCK_BYTES)
+        {
+            return None;
+        }
+        let ptr = NonNull::new(bytes.as_ptr().cast_mut())?;
+        Some(IoBuf {
+            ptr,
+            len,
+            capacity: len,
+            origin: Origin::Shared { _bytes: bytes },
+        })
+    }
+
+    /// Whether this buffer is read-only memory of a `Bytes` (`shared`).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.origin, Origin::Shared { .. })
+    }
+
     /// Returns the registered buffer index, if this is a pool slot.
     pub fn fixed_index(&self) -> Option<u16> {
         match &self.origin {
-            Origin::Heap => None,
+            Origin::Heap | Origin::Shared { .. } => None,
             Origin::Pool { slot, .. } => Some(*slot),
         }
     }
@@ -74,7 +113,11 @@ impl IoBuf {
     }
 
     /// Returns the start of the buffer, for the kernel to fill.
+    ///
+    /// # Panics
+    /// On a shared buffer, which is read-only.
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        assert!(!self.is_shared(), "a shared IoBuf is read-only");
         self.ptr.as_ptr()
     }
 
@@ -100,14 +143,19 @@ impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: ptr is valid for capacity >= len bytes, initialised (zeroed
-        // at allocation), and uniquely owned.
+        // at allocation, or a `Bytes`' contents), and owned or kept alive by
+        // the `Bytes` held.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl DerefMut for IoBuf {
+    /// # Panics
+    /// On a shared buffer, which is read-only.
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`, and `&mut self` gives exclusive access.
+        assert!(!self.is_shared(), "a shared IoBuf is read-only");
+        // SAFETY: as in `deref`, and `&mut self` gives exclusive access (a
+        // shared buffer never gets here).
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -122,6 +170,7 @@ impl Drop for IoBuf {
                 unsafe { dealloc(self.ptr.as_ptr(), layout) };
             }
             Origin::Pool { pool, slot } => pool.release(*slot),
+            Origin::Shared { .. } => {}
         }
     }
 }
@@ -278,6 +327,38 @@ mod tests {
         let again = pool.get(4096);
         assert!(again.fixed_index().is_some());
         assert!(pool.get(2 << 20).fixed_index().is_none());
+    }
+
+    #[test]
+    fn shared_buffers_take_aligned_bytes_only() {
+        let mut backing = bytes::BytesMut::with_capacity(4 * BLOCK_BYTES);
+        backing.resize(4 * BLOCK_BYTES, 7);
+        let bytes = backing.freeze();
+        let skip =
+            (bytes.as_ptr() as usize).next_multiple_of(BLOCK_BYTES) - bytes.as_ptr() as usize;
+        let aligned = bytes.slice(skip..skip + 2 * BLOCK_BYTES);
+        let buf = IoBuf::shared(aligned.clone()).expect("aligned blocks");
+        assert!(buf.is_shared() && buf.fixed_index().is_none());
+        assert_eq!(buf.as_ptr(), aligned.as_ptr());
+        assert_eq!(&buf[..], &aligned[..]);
+        assert!(IoBuf::shared(bytes.slice(skip + 1..skip + 1 + BLOCK_BYTES)).is_none());
+        assert!(IoBuf::shared(bytes.slice(skip..skip + 100)).is_none());
+        assert!(IoBuf::shared(bytes::Bytes::new()).is_none());
+        // The buffer keeps the memory alive after every other handle is gone.
+        drop((bytes, aligned));
+        assert!(buf.iter().all(|b| *b == 7));
+    }
+
+    #[test]
+    #[should_panic(expected = "read-only")]
+    fn shared_buffers_are_read_only() {
+        let mut backing = bytes::BytesMut::with_capacity(2 * BLOCK_BYTES);
+        backing.resize(2 * BLOCK_BYTES, 0);
+        let bytes = backing.freeze();
+        let skip =
+            (bytes.as_ptr() as usize).next_multiple_of(BLOCK_BYTES) - bytes.as_ptr() as usize;
+        let mut buf = IoBuf::shared(bytes.slice(skip..skip + BLOCK_BYTES)).expect("aligned");
+        buf[0] = 1;
     }
 
     #[test]

@@ -100,6 +100,8 @@ struct MemState {
     fua: bool,
     writes: u64,
     flushes: u64,
+    /// Writes served straight from a caller's `Bytes` (`IoBuf::shared`).
+    shared_writes: u64,
 }
 
 impl MemDevice {
@@ -183,6 +185,12 @@ impl MemDevice {
         let state = self.state();
         (state.writes, state.flushes)
     }
+
+    /// Returns how many writes so far came straight from a caller's `Bytes`
+    /// (no copy into an aligned buffer).
+    pub fn shared_writes(&self) -> u64 {
+        self.state().shared_writes
+    }
 }
 
 impl MemDevice {
@@ -207,6 +215,7 @@ impl MemDevice {
             }
         }
         state.writes += 1;
+        state.shared_writes += u64::from(buf.is_shared());
         drop(state);
         (buf, Ok(()))
     }
@@ -214,6 +223,14 @@ impl MemDevice {
 
 fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
+}
+
+/// A read into a shared (read-only) buffer (`IoBuf::shared`).
+pub(crate) fn read_only() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "read into a read-only shared buffer",
+    )
 }
 
 impl BlockDevice for MemDevice {
@@ -239,6 +256,9 @@ impl BlockDevice for MemDevice {
     async fn read(&self, block: u64, mut buf: IoBuf) -> (IoBuf, io::Result<()>) {
         if let Err(e) = check_range(block, buf.len(), self.block_count) {
             return (buf, Err(e));
+        }
+        if buf.is_shared() {
+            return (buf, Err(read_only()));
         }
         let state = self.state();
         if state.powered_off || state.fail_reads {

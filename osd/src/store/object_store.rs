@@ -641,19 +641,38 @@ impl<D: BlockDevice> ObjectStore<D> {
         version: u64,
         durability: Durability,
     ) -> Result<(), StoreError> {
-        self.write_with_crcs(key, offset, data, None, version, durability)
+        self.write_inner(key, offset, data, None, None, version, durability)
             .await
     }
 
-    /// `write_with`, given the crc32c of each block of `data` when the
-    /// caller has them (hashed once on arrival: `basalt_wire::crc`); they
-    /// are what the block map records, so they must be the data's. Without
-    /// them, or with a wrong count, the store hashes the data itself.
-    pub async fn write_with_crcs(
+    /// `write_with` for data held in `Bytes`: written to the device straight
+    /// from them when they are block-aligned in memory (`IoBuf::shared`; the
+    /// frame decoder and the NBD gateway place large payloads so), copied
+    /// into aligned buffers otherwise. `crcs` are the crc32c of each block
+    /// when the caller has them (hashed once on arrival:
+    /// `basalt_wire::crc`); they are what the block map records, so they
+    /// must be the data's. Without them, or with a wrong count, the store
+    /// hashes the data itself.
+    pub async fn write_bytes_with(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        data: &Bytes,
+        crcs: Option<&[u32]>,
+        version: u64,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        self.write_inner(key, offset, data, Some(data), crcs, version, durability)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write_inner(
         &self,
         key: &ObjectKey,
         offset: u64,
         data: &[u8],
+        shared: Option<&Bytes>,
         crcs: Option<&[u32]>,
         version: u64,
         durability: Durability,
@@ -692,13 +711,20 @@ impl<D: BlockDevice> ObjectStore<D> {
         let mut data_offset = 0;
         for run in &runs {
             let len = run.len as usize * BLOCK_BYTES;
-            let mut buf = self.inner.device.buffer(len);
-            buf.copy_from_slice(&data[data_offset..data_offset + len]);
-            debug_assert_eq!(
-                crc32c::crc32c(&buf[..BLOCK_BYTES]),
-                crcs[data_offset / BLOCK_BYTES],
-                "buffer copy changed the data"
-            );
+            let range = data_offset..data_offset + len;
+            let buf = match shared.and_then(|bytes| IoBuf::shared(bytes.slice(range.clone()))) {
+                Some(buf) => buf,
+                None => {
+                    let mut buf = self.inner.device.buffer(len);
+                    buf.copy_from_slice(&data[range]);
+                    debug_assert_eq!(
+                        crc32c::crc32c(&buf[..BLOCK_BYTES]),
+                        crcs[data_offset / BLOCK_BYTES],
+                        "buffer copy changed the data"
+                    );
+                    buf
+                }
+            };
             data_offset += len;
             buffers.push((run.start, buf));
         }

@@ -41,7 +41,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use super::buffer::{BLOCK_BYTES, BufferPool, IoBuf};
-use super::device::{BlockDevice, check_range};
+use super::device::{BlockDevice, check_range, read_only};
 
 /// Settings of a ring.
 #[derive(Clone, Debug)]
@@ -374,6 +374,9 @@ impl BlockDevice for UringDevice {
         let len = buf.len();
         if let Err(e) = check_range(block, len, self.block_count) {
             return (buf, Err(e));
+        }
+        if buf.is_shared() {
+            return (buf, Err(read_only()));
         }
         let (buf, result) = self.submit(Kind::Read { block }, Some(buf)).await;
         (buffer_back(buf, len), result)
