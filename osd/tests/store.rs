@@ -221,6 +221,13 @@ async fn writes_from_aligned_bytes_skip_the_copy() {
             &mem.read(&key(9, id), offset, len).await.unwrap()[..],
             &data[..]
         );
+        // From block 0 (a hole) on: the crcs a read returns are its data's.
+        let (read, crcs) = uring
+            .read_with_crcs(&key(9, id), 0, offset + len)
+            .await
+            .unwrap();
+        assert_eq!(&read[offset as usize..], &data[..]);
+        assert_eq!(crcs, basalt_wire::crc::block_crcs(&read), "write {id}");
     }
     assert_clean_and_close(uring).await;
     assert_clean_and_close(mem).await;

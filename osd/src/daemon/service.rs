@@ -287,10 +287,17 @@ impl OsdService {
         match frame.kind {
             Kind::Read => match self
                 .store
-                .read(&key, header.offset, header.length as u64)
+                .read_with_crcs(&key, header.offset, header.length as u64)
                 .await
             {
-                Ok(bytes) => reply(&frame, Status::Ok, epoch, bytes),
+                Ok((bytes, crcs)) => {
+                    // The store checked every block against its crc: the
+                    // reply's crc follows from them, the data is not hashed
+                    // again to send it.
+                    let mut answer = reply(&frame, Status::Ok, epoch, bytes);
+                    answer.data_crcs = Some(crcs.into());
+                    answer
+                }
                 Err(e @ StoreError::Checksum { .. }) => {
                     // Never return bad bytes: serve from a replica's good
                     // copy, repairing ours on the way.

@@ -972,6 +972,18 @@ impl<D: BlockDevice> ObjectStore<D> {
     /// Holes and missing objects read as zeros; a block whose checksum does
     /// not match is an error naming the object and offset, never data.
     pub async fn read(&self, key: &ObjectKey, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        Ok(self.read_with_crcs(key, offset, len).await?.0)
+    }
+
+    /// `read`, with the crc32c of each block read (checked against the
+    /// data; a hole's is a zero block's): an OSD's reply frame takes its
+    /// crc from them instead of hashing the data again (`basalt_wire::crc`).
+    pub async fn read_with_crcs(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Bytes, Vec<u32>), StoreError> {
         self.check_range(key, offset, len)?;
         let _guard = self.lock(key).read().await;
         let first = (offset / BLOCK_BYTES as u64) as u32;
@@ -1036,10 +1048,14 @@ impl<D: BlockDevice> ObjectStore<D> {
                 only = Some(buf);
             }
         }
+        let crcs = entries
+            .iter()
+            .map(|entry| entry.map_or_else(zero_block_crc, |e| e.crc))
+            .collect();
         // The buffer goes back to the pool when the caller drops the bytes.
         match only {
-            Some(buf) => Ok(Bytes::from_owner(buf)),
-            None => Ok(out.freeze()),
+            Some(buf) => Ok((Bytes::from_owner(buf), crcs)),
+            None => Ok((out.freeze(), crcs)),
         }
     }
 
@@ -1900,6 +1916,12 @@ impl<D: BlockDevice> Committer<D> {
         }
         Ok(())
     }
+}
+
+/// The crc32c of a block of zeros (a hole reads as one).
+fn zero_block_crc() -> u32 {
+    static CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CRC.get_or_init(|| crc32c::crc32c(&[0; BLOCK_BYTES]))
 }
 
 /// Writes `len` zero bytes at the start of `file`.
