@@ -329,13 +329,19 @@ mod tests {
         assert!(pool.get(2 << 20).fixed_index().is_none());
     }
 
+    /// `blocks` blocks of `fill`, and where in them the first aligned
+    /// address is (room for one more block of those).
+    fn backing(blocks: usize, fill: u8) -> (bytes::Bytes, usize) {
+        let mut backing = bytes::BytesMut::with_capacity(blocks * BLOCK_BYTES);
+        backing.resize(blocks * BLOCK_BYTES, fill);
+        let bytes = backing.freeze();
+        let at = bytes.as_ptr() as usize;
+        (bytes, at.next_multiple_of(BLOCK_BYTES) - at)
+    }
+
     #[test]
     fn shared_buffers_take_aligned_bytes_only() {
-        let mut backing = bytes::BytesMut::with_capacity(4 * BLOCK_BYTES);
-        backing.resize(4 * BLOCK_BYTES, 7);
-        let bytes = backing.freeze();
-        let skip =
-            (bytes.as_ptr() as usize).next_multiple_of(BLOCK_BYTES) - bytes.as_ptr() as usize;
+        let (bytes, skip) = backing(4, 7);
         let aligned = bytes.slice(skip..skip + 2 * BLOCK_BYTES);
         let buf = IoBuf::shared(aligned.clone()).expect("aligned blocks");
         assert!(buf.is_shared() && buf.fixed_index().is_none());
@@ -352,11 +358,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "read-only")]
     fn shared_buffers_are_read_only() {
-        let mut backing = bytes::BytesMut::with_capacity(2 * BLOCK_BYTES);
-        backing.resize(2 * BLOCK_BYTES, 0);
-        let bytes = backing.freeze();
-        let skip =
-            (bytes.as_ptr() as usize).next_multiple_of(BLOCK_BYTES) - bytes.as_ptr() as usize;
+        let (bytes, skip) = backing(2, 0);
         let mut buf = IoBuf::shared(bytes.slice(skip..skip + BLOCK_BYTES)).expect("aligned");
         buf[0] = 1;
     }
