@@ -7,7 +7,9 @@
 //! `--exact crash_child --ignored` and the store directory in its
 //! environment. It logs `B` before and `A` after each write to an append-only
 //! log (a plain write(2): SIGKILL does not lose the page cache), so the parent
-//! knows what was acknowledged.
+//! knows what was acknowledged. Every other write goes through
+//! `write_bytes_with` from an aligned buffer (written to disk without a copy,
+//! as large payloads from the network are), the rest through `write`.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
@@ -80,10 +82,27 @@ async fn crash_child() {
                 let id = round << 40 | writer << 32 | n;
                 let data = pattern(id, (count * B) as usize);
                 writeln!(log.lock().unwrap(), "B {id} {volume} {first} {count}").unwrap();
-                store
-                    .write(&key(volume), first * B, &data, id)
-                    .await
-                    .unwrap();
+                if n % 2 == 0 {
+                    store
+                        .write(&key(volume), first * B, &data, id)
+                        .await
+                        .unwrap();
+                } else {
+                    let mut aligned = basalt_wire::aligned_buffer(data.len(), 0);
+                    aligned.extend_from_slice(&data);
+                    let aligned = aligned.freeze();
+                    store
+                        .write_bytes_with(
+                            &key(volume),
+                            first * B,
+                            &aligned,
+                            None,
+                            id,
+                            basalt_wire::Durability::Durable,
+                        )
+                        .await
+                        .unwrap();
+                }
                 writeln!(log.lock().unwrap(), "A {id}").unwrap();
             }
         }));
