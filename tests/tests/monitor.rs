@@ -17,13 +17,18 @@ use tonic::Code;
 /// RPC to a peer that is just restarting (listening, still opening its
 /// store) can also run out of time instead of being refused: openraft logs
 /// that as an ERROR too ("Timeout expired"; seen once in a CI run of
-/// `full_restart_keeps_the_map`).
+/// `full_restart_keeps_the_map`). So can an AppendEntries to a live peer
+/// on a loaded machine ("timeout after 150ms when AppendEntries 1->2", seen
+/// once in a fresh-clone CI run of `wiped_monitor_rejoins_by_snapshot` with
+/// the fio-bench test running beside it); openraft sends it again, and the
+/// tests check what the group does, not how fast one RPC was.
 const ALLOWED_ERRORS: &[&str] = &[
     "Unreachable",
     "unreachable",
     "connection",
     "Connection",
     "Timeout expired",
+    "timeout after",
 ];
 
 async fn status(mon: &MonClient) -> pb::StatusReply {
