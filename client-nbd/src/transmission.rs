@@ -193,14 +193,9 @@ async fn read_payload<R: AsyncRead + Unpin>(
 ) -> std::io::Result<Bytes> {
     if len < basalt_wire::ALIGN_PAYLOADS_FROM {
         let mut payload = BytesMut::with_capacity(len);
-        while payload.len() < len {
-            // Limited to what is missing: the buffer may have more room, and
-            // the next request's header must stay in the reader.
-            let missing = (len - payload.len()) as u64;
-            if (&mut *reader).take(missing).read_buf(&mut payload).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
+        // Through the reader's buffer: it may hold the next request's
+        // header too, and that must stay there.
+        fill_to(reader, &mut payload, len).await?;
         return Ok(payload.freeze());
     }
     let mut payload = basalt_wire::aligned_buffer(len, 0);
@@ -209,19 +204,24 @@ async fn read_payload<R: AsyncRead + Unpin>(
     reader.consume(buffered);
     // The reader's buffer is empty now (or held the whole payload): reading
     // the socket itself keeps the byte order.
+    fill_to(reader.get_mut(), &mut payload, len).await?;
+    Ok(payload.freeze())
+}
+
+/// Reads from `reader` until `payload` holds `len` bytes, never more (the
+/// buffer may have more room, and what follows belongs to the next request).
+async fn fill_to<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    payload: &mut BytesMut,
+    len: usize,
+) -> std::io::Result<()> {
     while payload.len() < len {
         let missing = (len - payload.len()) as u64;
-        if reader
-            .get_mut()
-            .take(missing)
-            .read_buf(&mut payload)
-            .await?
-            == 0
-        {
+        if (&mut *reader).take(missing).read_buf(payload).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }
-    Ok(payload.freeze())
+    Ok(())
 }
 
 /// Checks and runs one request; returns its outcome or an NBD errno.

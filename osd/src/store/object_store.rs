@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 
 use basalt_placement::PgId;
 use basalt_wire::Durability;
+use basalt_wire::crc::block_crcs;
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use tokio::sync::{RwLock, mpsc, oneshot};
@@ -687,18 +688,12 @@ impl<D: BlockDevice> ObjectStore<D> {
         let crcs: std::borrow::Cow<'_, [u32]> = match crcs {
             Some(crcs) if crcs.len() == count as usize => {
                 debug_assert!(
-                    data.chunks(BLOCK_BYTES)
-                        .map(crc32c::crc32c)
-                        .eq(crcs.iter().copied()),
+                    block_crcs(data) == crcs,
                     "block crcs given with a write are not its data's"
                 );
                 crcs.into()
             }
-            _ => data
-                .chunks(BLOCK_BYTES)
-                .map(crc32c::crc32c)
-                .collect::<Vec<u32>>()
-                .into(),
+            _ => block_crcs(data).into(),
         };
         // A small durable write goes out with its journal record, from the
         // committer: one device round trip instead of two. So does a small
