@@ -52,6 +52,12 @@ pub struct OsdArgs {
     /// then also copies one object at a time).
     #[arg(long, default_value = "32M")]
     recovery_bytes_per_sec_busy: String,
+    /// Small buffered writes (NBD writes without FUA, at most 32 KiB)
+    /// acknowledged before their data write lands, at most at once: their
+    /// data goes into the metadata WAL with their block entries. 0 turns
+    /// deferred writes off.
+    #[arg(long, default_value_t = basalt_osd::store::DEFERRED_WRITES_IN_FLIGHT)]
+    deferred_writes_in_flight: usize,
     /// Also serve NBD on this address, in this process (a node daemon): the
     /// gateway reaches this OSD without a socket, so volumes homed on this
     /// host skip a network hop. Other OSDs are reached over TCP as usual.
@@ -140,6 +146,10 @@ fn run_daemon(args: OsdArgs, mon: &str) -> anyhow::Result<()> {
             recovery_bytes_per_sec_busy: parse_size(&args.recovery_bytes_per_sec_busy)?
                 .max(1 << 20),
             ..basalt_osd::daemon::RecoveryConfig::default()
+        },
+        store: StoreConfig {
+            deferred_writes_in_flight: args.deferred_writes_in_flight,
+            ..StoreConfig::default()
         },
     };
     let Some(nbd) = args.nbd else {

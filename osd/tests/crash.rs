@@ -9,7 +9,9 @@
 //! log (a plain write(2): SIGKILL does not lose the page cache), so the parent
 //! knows what was acknowledged. Every other write goes through
 //! `write_bytes_with` from an aligned buffer (written to disk without a copy,
-//! as large payloads from the network are), the rest through `write`.
+//! as large payloads from the network are), the rest through `write`; every
+//! fourth is a small buffered write (deferred: acknowledged before its data
+//! is written in place).
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
@@ -77,7 +79,15 @@ async fn crash_child() {
                     return;
                 }
                 let volume = writer;
-                let count = rng.random_range(1..=256u64);
+                // Every fourth write is a small buffered one (an NBD write
+                // without FUA): deferred, acknowledged before its data
+                // lands, and it must survive the kill all the same.
+                let buffered = n % 4 == 3;
+                let count = if buffered {
+                    rng.random_range(1..=8u64)
+                } else {
+                    rng.random_range(1..=256u64)
+                };
                 let first = rng.random_range(0..=(1024 - count));
                 let id = round << 40 | writer << 32 | n;
                 let data = pattern(id, (count * B) as usize);
@@ -98,7 +108,11 @@ async fn crash_child() {
                             &aligned,
                             None,
                             id,
-                            basalt_wire::Durability::Durable,
+                            if buffered {
+                                basalt_wire::Durability::Buffered
+                            } else {
+                                basalt_wire::Durability::Durable
+                            },
                         )
                         .await
                         .unwrap();

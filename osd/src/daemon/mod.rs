@@ -68,6 +68,8 @@ pub struct OsdConfig {
     pub heartbeat_interval_ms: u64,
     /// Peering and recovery limits.
     pub recovery: RecoveryConfig,
+    /// Settings of the object store.
+    pub store: StoreConfig,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -149,7 +151,7 @@ pub async fn run_with_local(
             config.data_dir.display()
         )));
     }
-    let store = Arc::new(ObjectStore::open_dir(&config.data_dir, StoreConfig::default()).await?);
+    let store = Arc::new(ObjectStore::open_dir(&config.data_dir, config.store.clone()).await?);
     let mon = Arc::new(MonClient::new(&config.mon)?);
 
     let id = boot(&mon, &config, known.or(config.id)).await?;

@@ -92,6 +92,8 @@ struct MemState {
     powered_off: bool,
     /// Fail every write with EIO while set.
     fail_writes: bool,
+    /// Report every write done and keep nothing while set.
+    lose_writes: bool,
     /// Fail every read with EIO while set.
     fail_reads: bool,
     /// Fail every flush with EIO while set.
@@ -141,6 +143,13 @@ impl MemDevice {
     /// Makes writes fail with EIO (`true`) or succeed again.
     pub fn fail_writes(&self, fail: bool) {
         self.state().fail_writes = fail;
+    }
+
+    /// Makes writes report success and keep nothing (`true`), as the
+    /// writes in flight when a daemon is killed may never reach the device;
+    /// or keep their data again.
+    pub fn lose_writes(&self, lose: bool) {
+        self.state().lose_writes = lose;
     }
 
     /// Makes reads fail with EIO (`true`) or succeed again.
@@ -204,6 +213,10 @@ impl MemDevice {
         if state.powered_off || state.fail_writes {
             return (buf, Err(eio()));
         }
+        state.writes += 1;
+        if state.lose_writes {
+            return (buf, Ok(()));
+        }
         for (i, chunk) in buf.chunks(BLOCK_BYTES).enumerate() {
             let b = block + i as u64;
             let data = chunk.to_vec().into_boxed_slice();
@@ -214,7 +227,6 @@ impl MemDevice {
                 state.volatile.insert(b, data);
             }
         }
-        state.writes += 1;
         state.shared_writes += u64::from(buf.is_shared());
         drop(state);
         (buf, Ok(()))

@@ -7,6 +7,9 @@
 //! - `pg_log`, `pg_info`: for replication and peering (written by later
 //!   layers, in the same atomic batches as the data they describe);
 //! - `snap_refs`: reference counts of disk blocks shared with snapshots;
+//! - `deferred`: disk block -> the data of a small buffered write whose
+//!   write in place may not have landed yet (see `object_store`'s deferred
+//!   writes); deleted at the next sync;
 //! - `default`: the superblock.
 //!
 //! One key per block (not per extent) keeps a 4 KiB overwrite to one small
@@ -29,7 +32,15 @@ pub const CF_BLOCKS: &str = "blocks";
 pub const CF_PG_LOG: &str = "pg_log";
 pub const CF_PG_INFO: &str = "pg_info";
 pub const CF_SNAP_REFS: &str = "snap_refs";
-const COLUMN_FAMILIES: [&str; 5] = [CF_OBJECTS, CF_BLOCKS, CF_PG_LOG, CF_PG_INFO, CF_SNAP_REFS];
+pub const CF_DEFERRED: &str = "deferred";
+const COLUMN_FAMILIES: [&str; 6] = [
+    CF_OBJECTS,
+    CF_BLOCKS,
+    CF_PG_LOG,
+    CF_PG_INFO,
+    CF_SNAP_REFS,
+    CF_DEFERRED,
+];
 const SUPERBLOCK_KEY: &[u8] = b"superblock";
 /// Sequence number of the last journal record whose changes are applied.
 const JOURNAL_APPLIED_KEY: &[u8] = b"journal_applied";
@@ -83,6 +94,16 @@ pub enum MetaOp {
     },
     /// The disk block is referenced once again.
     DeleteRef {
+        disk_block: u64,
+    },
+    /// Data being written to disk blocks from `disk_block` on, kept until
+    /// the write in place is known to have landed (a deferred write).
+    PutDeferred {
+        disk_block: u64,
+        data: bytes::Bytes,
+    },
+    /// The deferred data for `disk_block` is on the device.
+    DeleteDeferred {
         disk_block: u64,
     },
 }
@@ -287,6 +308,24 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Calls `visit` for every deferred write's first disk block and data.
+    pub fn for_each_deferred(
+        &self,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DEFERRED)?, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let disk: [u8; 8] = k.as_ref().try_into().map_err(|_| {
+                StoreError::Corrupt(format!("deferred write key of {} bytes", k.len()))
+            })?;
+            visit(u64::from_be_bytes(disk), &v)?;
+        }
+        Ok(())
+    }
+
     /// Writes a consistent copy of the database, as of now, to `path` (a
     /// RocksDB checkpoint: hard links and a flushed memtable).
     pub fn snapshot_to(&self, path: &Path) -> Result<(), StoreError> {
@@ -334,6 +373,7 @@ impl MetaStore {
         let objects = self.cf(CF_OBJECTS)?;
         let blocks = self.cf(CF_BLOCKS)?;
         let refs = self.cf(CF_SNAP_REFS)?;
+        let deferred = self.cf(CF_DEFERRED)?;
         let mut batch = rocksdb::WriteBatch::default();
         for op in ops {
             match op {
@@ -345,6 +385,12 @@ impl MetaStore {
                     batch.put_cf(refs, disk_block.to_be_bytes(), encode_ref(*count))
                 }
                 MetaOp::DeleteRef { disk_block } => batch.delete_cf(refs, disk_block.to_be_bytes()),
+                MetaOp::PutDeferred { disk_block, data } => {
+                    batch.put_cf(deferred, disk_block.to_be_bytes(), data)
+                }
+                MetaOp::DeleteDeferred { disk_block } => {
+                    batch.delete_cf(deferred, disk_block.to_be_bytes())
+                }
             }
         }
         if let Some(applied) = applied {

@@ -33,5 +33,7 @@ pub use buffer::BLOCK_BYTES;
 pub use device::{BlockDevice, MemDevice};
 pub use error::StoreError;
 pub use keys::ObjectKey;
-pub use object_store::{FsckReport, ObjectStat, ObjectStore, StoreConfig};
+pub use object_store::{
+    DEFERRED_WRITES_IN_FLIGHT, FsckReport, ObjectStat, ObjectStore, StoreConfig,
+};
 pub use uring::{UringConfig, UringDevice};

@@ -30,6 +30,25 @@
 //! like a small durable one, its record not flushed, when nothing but such
 //! records is unsynced: the next FLUSH is then one device flush.
 //!
+//! # Deferred writes
+//! A buffered write of at most `DEFER_MAX_BYTES`, while fewer than
+//! `StoreConfig::deferred_writes_in_flight` others are in flight, is deferred (BlueStore's
+//! deferred writes, without their sync): its data write to the fresh blocks
+//! starts, and a copy of the data goes into the same unsynced RocksDB
+//! batch as its block entries (`deferred` column family). It is
+//! acknowledged once that batch is applied, without waiting for the device:
+//! after a SIGKILL the WAL (in the page cache) has the data, and open
+//! writes it in place again. The object stays locked until the data lands,
+//! so nothing reads the blocks before. A sync first waits for every data
+//! write begun (its flush then covers them), keeps deferred copies out of
+//! its journal record and deletes those of the changes it makes durable;
+//! as blocks a change gives up are freed only by a sync, no copy is left
+//! when a block gets a new owner. After a power loss before a sync, RocksDB
+//! comes back with a prefix of its batches: a deferred write is there whole
+//! (the copy is written again) or not at all (old data and metadata).
+//! A failed data write fails the store (the WAL's copy is written again at
+//! the next open).
+//!
 //! Blocks a buffered change gives up stay allocated until a sync covers the
 //! change: if the power went before, the old metadata (pointing at them)
 //! comes back, and their contents must still be there.
@@ -80,6 +99,11 @@ const BUFFERED_FREE_MAX: usize = 65_536;
 /// A small buffered write goes into the journal with its record (so a
 /// later FLUSH is one device flush) while a client flushed within this long.
 const EAGER_JOURNAL_AFTER_FLUSH: Duration = Duration::from_secs(2);
+/// Largest buffered write that may be deferred (acknowledged once its data
+/// is in RocksDB's WAL, before its write in place lands).
+const DEFER_MAX_BYTES: usize = 32 << 10;
+/// Default of `StoreConfig::deferred_writes_in_flight`.
+pub const DEFERRED_WRITES_IN_FLIGHT: usize = 8;
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -91,6 +115,13 @@ pub struct StoreConfig {
     /// Objects whose block maps are kept in memory (`map_cache`): about
     /// 24 KiB each at 4 MiB objects. Default 1,024 (24 MiB, 4 GiB of data).
     pub map_cache_objects: usize,
+    /// Deferred writes whose data may be still on its way to the device, at
+    /// most (0: none are deferred). Past this many, small buffered writes
+    /// wait for their data write like larger ones. Deferring pays where a
+    /// write waits on the device (low queue depth); at high queue depth
+    /// the device is busy anyway and each deferred write costs its data's
+    /// trip through the WAL. Default `DEFERRED_WRITES_IN_FLIGHT`.
+    pub deferred_writes_in_flight: usize,
 }
 
 impl Default for StoreConfig {
@@ -99,6 +130,7 @@ impl Default for StoreConfig {
             max_object_bytes: 4 << 20,
             uring: UringConfig::default(),
             map_cache_objects: 1024,
+            deferred_writes_in_flight: DEFERRED_WRITES_IN_FLIGHT,
         }
     }
 }
@@ -154,7 +186,9 @@ struct Inner<D> {
     device: Arc<D>,
     meta: Arc<MetaStore>,
     allocator: Arc<Mutex<Allocator>>,
-    locks: Vec<RwLock<()>>,
+    locks: Vec<Arc<RwLock<()>>>,
+    /// Deferred writes whose data write may not have landed yet.
+    landings: Arc<Landings>,
     /// Serialises changes to shared blocks' reference counts, from reading
     /// a count to committing the new one.
     refs_lock: tokio::sync::Mutex<()>,
@@ -330,6 +364,7 @@ impl<D: BlockDevice> ObjectStore<D> {
             )));
         }
         let next_seq = replay_journal(&device, &meta, &superblock).await?;
+        let replayed_deferred = replay_deferred(&device, &meta, &superblock).await?;
         let mut allocator = Allocator::new(superblock.block_count);
         allocator.reserve_prefix(superblock.journal_blocks);
         meta.for_each_ref(|disk_block, _| {
@@ -352,7 +387,8 @@ impl<D: BlockDevice> ObjectStore<D> {
             "store allocator rebuilt"
         );
         // Buffered changes of the previous run are in the WAL RocksDB just
-        // replayed and their data was written with O_DIRECT, not flushed:
+        // replayed and their data was written with O_DIRECT (or again just
+        // now, from the deferred writes' copies), not flushed:
         // make them durable before serving, since a client's next FLUSH
         // would no longer know about them.
         // That also ends the journal's lap: what it replayed is durable now.
@@ -367,7 +403,12 @@ impl<D: BlockDevice> ObjectStore<D> {
             next_seq,
             lap_inline: std::collections::HashSet::new(),
         });
-        meta.write_marked(&[], None, journal.as_ref().map(|j| j.next_seq), true)?;
+        meta.write_marked(
+            &replayed_deferred,
+            None,
+            journal.as_ref().map(|j| j.next_seq),
+            true,
+        )?;
         let device = Arc::new(device);
         let meta = Arc::new(meta);
         let allocator = Arc::new(Mutex::new(allocator));
@@ -375,8 +416,10 @@ impl<D: BlockDevice> ObjectStore<D> {
         let skip_flush = Arc::new(AtomicBool::new(false));
         let checkpoints = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (commits, rx) = mpsc::unbounded_channel();
+        let landings = Arc::new(Landings::default());
         let committer = tokio::spawn(
             Committer {
+                landings: landings.clone(),
                 device: device.clone(),
                 meta: meta.clone(),
                 allocator: allocator.clone(),
@@ -393,7 +436,10 @@ impl<D: BlockDevice> ObjectStore<D> {
                 device,
                 meta,
                 allocator,
-                locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+                locks: (0..LOCK_STRIPES)
+                    .map(|_| Arc::new(RwLock::new(())))
+                    .collect(),
+                landings,
                 refs_lock: tokio::sync::Mutex::new(()),
                 commits,
                 failed,
@@ -415,6 +461,33 @@ impl<D: BlockDevice> ObjectStore<D> {
         let ObjectStore { inner, committer } = self;
         drop(inner);
         let _ = committer.await;
+    }
+
+    /// Stops the store as a SIGKILL stops its daemon: the committer is cut
+    /// off where it is, nothing more is synced, flushed or checkpointed.
+    /// What the next open recovers is what a restart after a kill would.
+    /// For tests.
+    pub async fn kill(self) {
+        let ObjectStore { inner, committer } = self;
+        committer.abort();
+        let _ = committer.await;
+        // Deferred data writes hold the store open until they end.
+        inner.landings.wait_begun().await;
+        while Arc::strong_count(&inner) > 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(inner);
+    }
+
+    /// Deferred writes whose copy of the data waits in RocksDB for the next
+    /// sync to delete it.
+    pub fn deferred_copies(&self) -> Result<usize, StoreError> {
+        let mut count = 0;
+        self.inner.meta.for_each_deferred(|_, _| {
+            count += 1;
+            Ok(())
+        })?;
+        Ok(count)
     }
 
     /// Returns whether a group commit skips the separate data flush because
@@ -680,7 +753,10 @@ impl<D: BlockDevice> ObjectStore<D> {
     ) -> Result<(), StoreError> {
         self.check_range(key, offset, data.len() as u64)?;
         self.check_failed()?;
-        let _guard = self.lock(key).write().await;
+        let guard = self.inner.locks[self.stripe(key)]
+            .clone()
+            .write_owned()
+            .await;
         let first = (offset / BLOCK_BYTES as u64) as u32;
         let count = (data.len() / BLOCK_BYTES) as u32;
         let runs = self.allocate_or_flush(count as u64).await?;
@@ -723,7 +799,51 @@ impl<D: BlockDevice> ObjectStore<D> {
             data_offset += len;
             buffers.push((run.start, buf));
         }
-        if !inline {
+        // A small buffered write is deferred: its data goes into the
+        // metadata batch (RocksDB's WAL) while it is written in place, and
+        // it is acknowledged once the batch is applied, not when the device
+        // answers (see "Deferred writes" above).
+        let defer = !inline
+            && durability == Durability::Buffered
+            && data.len() <= DEFER_MAX_BYTES
+            && self.inner.landings.in_flight() < self.inner.config.deferred_writes_in_flight;
+        let mut deferred = Vec::new();
+        let mut landing = None;
+        if defer {
+            let mut at = 0;
+            for (start, buf) in &buffers {
+                let range = at..at + buf.len();
+                at = range.end;
+                deferred.push(MetaOp::PutDeferred {
+                    disk_block: *start,
+                    data: match shared {
+                        Some(bytes) => bytes.slice(range),
+                        None => Bytes::copy_from_slice(&data[range]),
+                    },
+                });
+            }
+            let landed = Landings::begin(&self.inner.landings);
+            let (device, failed) = (self.inner.device.clone(), self.inner.failed.clone());
+            let writes = std::mem::take(&mut buffers);
+            // The write ends its landing itself: a sync waits for it, and
+            // that sync may be the one this write's commit is in.
+            landing = Some(tokio::spawn(async move {
+                let writes = writes
+                    .into_iter()
+                    .map(|(start, buf)| device.write(start, buf));
+                let error = join_all(writes)
+                    .await
+                    .into_iter()
+                    .find_map(|(_, result)| result.err());
+                if let Some(error) = &error {
+                    // The data was acknowledged; only the WAL's copy
+                    // (written in place again at the next open) holds it.
+                    tracing::error!("deferred data write failed, refusing further writes: {error}");
+                    failed.store(true, Ordering::Release);
+                }
+                drop(landed);
+            }));
+        } else if !inline {
             let writes = buffers
                 .drain(..)
                 .map(|(start, buf)| self.inner.device.write(start, buf));
@@ -740,6 +860,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         let old = match self.entries(key, first, count) {
             Ok(old) => old,
             Err(e) => {
+                land(landing, None).await;
                 self.allocator().free_runs(&runs);
                 return Err(e);
             }
@@ -764,12 +885,14 @@ impl<D: BlockDevice> ObjectStore<D> {
             key: object_key(key),
             info: ObjectInfo { version },
         });
+        ops.extend(deferred);
         let release = match self
             .release(old.into_iter().flatten().map(|e| e.disk_block).collect())
             .await
         {
             Ok(release) => release,
             Err(e) => {
+                land(landing, None).await;
                 self.allocator().free_runs(&runs);
                 return Err(e);
             }
@@ -784,6 +907,11 @@ impl<D: BlockDevice> ObjectStore<D> {
             self.inner
                 .maps
                 .put_back(key, map, first, &new_entries, version);
+        }
+        if landing.is_some() {
+            // The object stays locked until its data is in place: a read
+            // must not find the new blocks before they hold it.
+            tokio::spawn(land(landing, Some(guard)));
         }
         result
     }
@@ -1373,6 +1501,8 @@ impl<D: BlockDevice> ObjectStore<D> {
     /// referenced blocks, and every block's checksum. Run it while no writes
     /// are in flight (blocks of writes in flight look leaked).
     pub async fn fsck(&self) -> Result<FsckReport, StoreError> {
+        // Deferred writes' data still on its way would read as corrupt.
+        self.inner.landings.wait_begun().await;
         let block_count = self.allocator().block_count();
         let mut report = FsckReport {
             block_count,
@@ -1511,6 +1641,9 @@ struct Unsynced {
     ops: Vec<MetaOp>,
     /// Too many changes for one record: the next sync is a checkpoint.
     overflow: bool,
+    /// First disk blocks of deferred writes applied since the last sync:
+    /// the sync deletes their data from RocksDB.
+    deferred: Vec<u64>,
 }
 
 /// Unsynced changes kept for the next journal record, at most (about 750
@@ -1518,6 +1651,10 @@ struct Unsynced {
 const UNSYNCED_OPS_MAX: usize = 16_384;
 /// Blocks held until a checkpoint that make one happen: 64 MiB.
 const HELD_MAX: u64 = 16_384;
+/// Deferred writes whose data waits in RocksDB that make the next group a
+/// synced one (which deletes them): about 16 MiB at 4 KiB, what a restart
+/// writes in place again at most.
+const DEFERRED_SYNC_MAX: usize = 4096;
 
 /// Where the committer is in the metadata journal.
 struct JournalState {
@@ -1540,6 +1677,7 @@ struct JournalState {
 /// buffered changes is one unsynced batch. A failed flush or commit fails
 /// the store: it can no longer tell what is durable.
 struct Committer<D> {
+    landings: Arc<Landings>,
     device: Arc<D>,
     meta: Arc<MetaStore>,
     allocator: Arc<Mutex<Allocator>>,
@@ -1602,7 +1740,7 @@ impl<D: BlockDevice> Committer<D> {
         if self.failed.load(Ordering::Acquire) {
             return Err("store failed earlier".to_string());
         }
-        let ops: Vec<MetaOp> = group
+        let mut ops: Vec<MetaOp> = group
             .iter_mut()
             .flat_map(|c| std::mem::take(&mut c.ops))
             .collect();
@@ -1620,6 +1758,8 @@ impl<D: BlockDevice> Committer<D> {
             || checkpoint
             || group.iter().any(|c| c.durability == Durability::Durable)
             || self.unsynced.free.len() + free.len() >= BUFFERED_FREE_MAX
+            || self.unsynced.deferred.len() >= DEFERRED_SYNC_MAX
+            || self.unsynced.overflow
             || self
                 .unsynced
                 .since
@@ -1631,6 +1771,9 @@ impl<D: BlockDevice> Committer<D> {
         {
             // A flush with nothing unsynced: already durable.
             return Ok(());
+        }
+        if sync {
+            self.settle_deferred(&mut ops).await;
         }
         let result = if self.journal.is_some() {
             if checkpoint || self.unsynced.overflow {
@@ -1680,14 +1823,14 @@ impl<D: BlockDevice> Committer<D> {
             sync && (needs_flush || self.unsynced.data) && !self.skip_flush.load(Ordering::Acquire);
         if !sync {
             let meta = self.meta.clone();
-            tokio::task::spawn_blocking(move || {
+            let ops = tokio::task::spawn_blocking(move || {
                 meta.write(&ops, false)?;
                 Ok::<_, StoreError>(ops)
             })
             .await
             .map_err(|e| format!("metadata commit task failed: {e}"))?
             .map_err(|e| format!("metadata commit failed: {e}"))?;
-            self.note_unsynced(Vec::new(), free, needs_flush);
+            self.note_unsynced(ops, free, needs_flush);
             return Ok(());
         }
         commit_group(&self.device, &self.meta, ops, flush_data, true, None).await?;
@@ -1715,13 +1858,21 @@ impl<D: BlockDevice> Committer<D> {
     }
 
     /// Records a change applied without a sync; with a journal, its
-    /// metadata changes are kept for the next record.
-    fn note_unsynced(&mut self, ops: Vec<MetaOp>, free: Vec<u64>, needs_flush: bool) {
+    /// metadata changes are kept for the next record (but deferred data,
+    /// which the sync deletes instead).
+    fn note_unsynced(&mut self, mut ops: Vec<MetaOp>, free: Vec<u64>, needs_flush: bool) {
         let keep_ops = self.journal.is_some();
         let unsynced = &mut self.unsynced;
         unsynced.since.get_or_insert_with(Instant::now);
         unsynced.data |= needs_flush;
         unsynced.free.extend(free);
+        ops.retain(|op| match op {
+            MetaOp::PutDeferred { disk_block, .. } => {
+                unsynced.deferred.push(*disk_block);
+                false
+            }
+            _ => true,
+        });
         if keep_ops && !unsynced.overflow {
             if unsynced.ops.len() + ops.len() > UNSYNCED_OPS_MAX {
                 unsynced.overflow = true;
@@ -1730,6 +1881,32 @@ impl<D: BlockDevice> Committer<D> {
                 unsynced.ops.extend(ops);
             }
         }
+    }
+
+    /// Before a sync: waits until the data of every deferred write has
+    /// landed (the sync's device flush must cover it, and its record must
+    /// not point at data still on its way), then drops the group's own
+    /// deferred copies from `ops` and adds the deletion of those applied
+    /// since the last sync. A deferred copy is thus never in a record, and
+    /// every sync deletes the copies before it: a block given up by a
+    /// change is free only after a sync, so its copy is gone by the time
+    /// another change can own it, and a restart never writes a stale copy
+    /// over a newer owner's data.
+    async fn settle_deferred(&mut self, ops: &mut Vec<MetaOp>) {
+        let own = ops
+            .iter()
+            .any(|op| matches!(op, MetaOp::PutDeferred { .. }));
+        if !own && self.unsynced.deferred.is_empty() {
+            return;
+        }
+        self.landings.wait_begun().await;
+        ops.retain(|op| !matches!(op, MetaOp::PutDeferred { .. }));
+        ops.extend(
+            self.unsynced
+                .deferred
+                .drain(..)
+                .map(|disk_block| MetaOp::DeleteDeferred { disk_block }),
+        );
     }
 
     fn journal(&mut self) -> Result<&mut JournalState, String> {
@@ -1892,10 +2069,11 @@ impl<D: BlockDevice> Committer<D> {
     /// held block comes free.
     async fn checkpoint(
         &mut self,
-        ops: Vec<MetaOp>,
+        mut ops: Vec<MetaOp>,
         free: Vec<u64>,
         inline: Vec<(u64, IoBuf)>,
     ) -> Result<(), String> {
+        self.settle_deferred(&mut ops).await;
         write_home(&self.device, inline).await?;
         let lap = self.journal()?.next_seq;
         commit_group(&self.device, &self.meta, ops, true, true, Some(lap)).await?;
@@ -1911,6 +2089,142 @@ impl<D: BlockDevice> Committer<D> {
         }
         Ok(())
     }
+}
+
+/// Waits for a deferred write's data write to end (if there is one), then
+/// lets the object go (`guard`).
+async fn land(
+    landing: Option<tokio::task::JoinHandle<()>>,
+    guard: Option<tokio::sync::OwnedRwLockWriteGuard<()>>,
+) {
+    if let Some(write) = landing {
+        // Its landing ends when the task does, even if it panicked.
+        let _ = write.await;
+    }
+    drop(guard);
+}
+
+/// Deferred writes whose data write was started and has not landed yet.
+#[derive(Default)]
+struct Landings {
+    state: Mutex<LandingState>,
+    landed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct LandingState {
+    next: u64,
+    pending: std::collections::BTreeSet<u64>,
+}
+
+impl Landings {
+    fn state(&self) -> std::sync::MutexGuard<'_, LandingState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A deferred write starts its data write; it has ended (landed or
+    /// failed) when the returned value is dropped.
+    fn begin(landings: &Arc<Landings>) -> Landed {
+        let mut state = landings.state();
+        let seq = state.next;
+        state.next += 1;
+        state.pending.insert(seq);
+        Landed {
+            landings: landings.clone(),
+            seq,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.state().pending.len()
+    }
+
+    /// Waits until every data write begun so far has ended (not those begun
+    /// meanwhile, so a steady stream of writes cannot hold it up).
+    async fn wait_begun(&self) {
+        let target = self.state().next;
+        loop {
+            let landed = self.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            if self
+                .state()
+                .pending
+                .first()
+                .is_none_or(|first| *first >= target)
+            {
+                return;
+            }
+            landed.await;
+        }
+    }
+}
+
+/// One deferred write's data write in flight (see `Landings::begin`).
+struct Landed {
+    landings: Arc<Landings>,
+    seq: u64,
+}
+
+impl Drop for Landed {
+    fn drop(&mut self) {
+        self.landings.state().pending.remove(&self.seq);
+        self.landings.landed.notify_waiters();
+    }
+}
+
+/// Writes the data of the deferred writes the last run left in RocksDB to
+/// their blocks again (a write in place the daemon's death may have cut
+/// short) and returns the changes that delete them, for the open's synced
+/// batch (after its device flush). A leftover entry is never stale: its
+/// blocks cannot be given to another change before a sync, and every sync
+/// deletes the entries before it (see "Deferred writes").
+async fn replay_deferred<D: BlockDevice>(
+    device: &D,
+    meta: &MetaStore,
+    superblock: &Superblock,
+) -> Result<Vec<MetaOp>, StoreError> {
+    let mut writes = Vec::new();
+    meta.for_each_deferred(|disk_block, data| {
+        let blocks = (data.len() / BLOCK_BYTES) as u64;
+        if data.is_empty()
+            || !data.len().is_multiple_of(BLOCK_BYTES)
+            || data.len() > DEFER_MAX_BYTES
+            || disk_block < superblock.journal_blocks
+            || disk_block
+                .checked_add(blocks)
+                .is_none_or(|end| end > superblock.block_count)
+        {
+            return Err(StoreError::Corrupt(format!(
+                "deferred write of {} bytes at disk block {disk_block}, outside the data area",
+                data.len()
+            )));
+        }
+        let mut buf = device.buffer(data.len());
+        buf.copy_from_slice(data);
+        writes.push((disk_block, buf));
+        Ok(())
+    })?;
+    let deletes: Vec<MetaOp> = writes
+        .iter()
+        .map(|(disk_block, _)| MetaOp::DeleteDeferred {
+            disk_block: *disk_block,
+        })
+        .collect();
+    for (disk_block, buf) in writes {
+        let (_, result) = device.write(disk_block, buf).await;
+        result.map_err(|source| StoreError::Io {
+            op: "replay deferred write",
+            source,
+        })?;
+    }
+    if !deletes.is_empty() {
+        tracing::info!(
+            writes = deletes.len(),
+            "deferred writes of the last run written in place again"
+        );
+    }
+    Ok(deletes)
 }
 
 /// The crc32c of a block of zeros (a hole reads as one).
