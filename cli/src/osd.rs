@@ -54,8 +54,9 @@ pub struct OsdArgs {
     recovery_bytes_per_sec_busy: String,
     /// Small buffered writes (NBD writes without FUA, at most 32 KiB)
     /// acknowledged before their data write lands, at most at once: their
-    /// data goes into the metadata WAL with their block entries. 0 turns
-    /// deferred writes off.
+    /// data goes into the metadata WAL with their block entries. Lower
+    /// latency where the disk is slow, more CPU per write; 0 (the default)
+    /// turns deferred writes off.
     #[arg(long, default_value_t = basalt_osd::store::DEFERRED_WRITES_IN_FLIGHT)]
     deferred_writes_in_flight: usize,
     /// Also serve NBD on this address, in this process (a node daemon): the

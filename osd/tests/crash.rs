@@ -56,11 +56,13 @@ async fn crash_child() {
         .unwrap()
         .parse()
         .unwrap();
-    let store = std::sync::Arc::new(
-        ObjectStore::open_dir(&dir, StoreConfig::default())
-            .await
-            .unwrap(),
-    );
+    // Deferred writes on (off by default): small buffered writes are
+    // acknowledged before their data lands.
+    let config = StoreConfig {
+        deferred_writes_in_flight: 8,
+        ..StoreConfig::default()
+    };
+    let store = std::sync::Arc::new(ObjectStore::open_dir(&dir, config).await.unwrap());
     let log = std::sync::Arc::new(std::sync::Mutex::new(
         std::fs::OpenOptions::new()
             .append(true)

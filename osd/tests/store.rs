@@ -44,6 +44,14 @@ async fn uring_store(dir: &std::path::Path, size: u64) -> ObjectStore<UringDevic
         .unwrap()
 }
 
+/// Settings with deferred writes on (they are off by default).
+fn deferring() -> StoreConfig {
+    StoreConfig {
+        deferred_writes_in_flight: 8,
+        ..StoreConfig::default()
+    }
+}
+
 async fn mem_store(device: &Arc<MemDevice>, dir: &std::path::Path) -> ObjectStore<Arc<MemDevice>> {
     ObjectStore::open(device.clone(), &dir.join("meta"), StoreConfig::default())
         .await
@@ -694,7 +702,17 @@ async fn power_loss_with_flushes_keeps_every_flushed_write() {
         let dir = tempfile::tempdir().unwrap();
         let device = Arc::new(MemDevice::new(16384));
         device.set_fua(seed % 2 == 1);
-        let store = Arc::new(mem_store(&device, dir.path()).await);
+        // Every third seed defers small buffered writes.
+        let config = if seed % 3 == 0 {
+            deferring()
+        } else {
+            StoreConfig::default()
+        };
+        let store = Arc::new(
+            ObjectStore::open(device.clone(), &dir.path().join("meta"), config)
+                .await
+                .unwrap(),
+        );
         let model = Arc::new(Mutex::new(FlushModel::default()));
         let lengths = Arc::new(Mutex::new(HashMap::new()));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -886,7 +904,9 @@ async fn flush_after_small_buffered_writes_is_one_device_flush() {
 async fn deferred_writes_survive_a_kill_before_their_data_lands() {
     let dir = tempfile::tempdir().unwrap();
     let device = Arc::new(MemDevice::new(4096));
-    let store = mem_store(&device, dir.path()).await;
+    let meta = dir.path().join("meta");
+    let open = || ObjectStore::open(device.clone(), &meta, deferring());
+    let store = open().await.unwrap();
     let a = key(1, 0);
     store
         .write(&a, 0, &pattern(1, 4 * B as usize), 1)
@@ -919,7 +939,7 @@ async fn deferred_writes_survive_a_kill_before_their_data_lands() {
     store.kill().await;
     device.lose_writes(false);
 
-    let store = mem_store(&device, dir.path()).await;
+    let store = open().await.unwrap();
     assert_eq!(store.deferred_copies().unwrap(), 0, "open left copies");
     assert_holds_buffered(&store, &[(3, 3, 1), (2, 5, 8)]).await;
     let mut want = pattern(1, 4 * B as usize);
@@ -1250,6 +1270,7 @@ async fn random_operations_read_back_what_a_model_says() {
     let device = Arc::new(MemDevice::new(16384));
     let config = StoreConfig {
         map_cache_objects: 2,
+        deferred_writes_in_flight: 8,
         ..StoreConfig::default()
     };
     let store = ObjectStore::open(device.clone(), &dir.path().join("meta"), config.clone())

@@ -113,14 +113,20 @@ pub fn encode_ops(ops: &[MetaOp], out: &mut Vec<u8>) {
             // The committer keeps deferred data out of records (a sync
             // waits for it to land); encoded whole all the same, so a
             // record always says exactly what its batch did.
-            MetaOp::PutDeferred { disk_block, data } => {
+            MetaOp::PutDeferred {
+                key,
+                disk_block,
+                data,
+            } => {
                 out.push(7);
+                out.extend_from_slice(&key.to_le_bytes());
                 out.extend_from_slice(&disk_block.to_le_bytes());
                 out.extend_from_slice(&(data.len() as u32).to_le_bytes());
                 out.extend_from_slice(data);
             }
-            MetaOp::DeleteDeferred { disk_block } => {
+            MetaOp::DeleteDeferred { key, disk_block } => {
                 out.push(8);
+                out.extend_from_slice(&key.to_le_bytes());
                 out.extend_from_slice(&disk_block.to_le_bytes());
             }
         }
@@ -174,14 +180,17 @@ pub fn decode_ops(mut bytes: &[u8]) -> Result<Vec<MetaOp>, StoreError> {
                 disk_block: u64::from_le_bytes(array::<8>(&mut bytes)?),
             },
             7 => {
+                let key = u64::from_le_bytes(array::<8>(&mut bytes)?);
                 let disk_block = u64::from_le_bytes(array::<8>(&mut bytes)?);
                 let len = u32::from_le_bytes(array::<4>(&mut bytes)?) as usize;
                 MetaOp::PutDeferred {
+                    key,
                     disk_block,
                     data: bytes::Bytes::copy_from_slice(take(&mut bytes, len)?),
                 }
             }
             8 => MetaOp::DeleteDeferred {
+                key: u64::from_le_bytes(array::<8>(&mut bytes)?),
                 disk_block: u64::from_le_bytes(array::<8>(&mut bytes)?),
             },
             other => return Err(corrupt(&format!("unknown change tag {other}"))),
@@ -383,10 +392,14 @@ mod tests {
             },
             MetaOp::DeleteRef { disk_block: 6 },
             MetaOp::PutDeferred {
+                key: 70,
                 disk_block: 7,
                 data: bytes::Bytes::from_static(&[7; 16]),
             },
-            MetaOp::DeleteDeferred { disk_block: 8 },
+            MetaOp::DeleteDeferred {
+                key: 71,
+                disk_block: 8,
+            },
         ]
     }
 

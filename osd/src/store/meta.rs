@@ -7,9 +7,9 @@
 //! - `pg_log`, `pg_info`: for replication and peering (written by later
 //!   layers, in the same atomic batches as the data they describe);
 //! - `snap_refs`: reference counts of disk blocks shared with snapshots;
-//! - `deferred`: disk block -> the data of a small buffered write whose
-//!   write in place may not have landed yet (see `object_store`'s deferred
-//!   writes); deleted at the next sync;
+//! - `deferred`: (a rising number, first disk block) -> the data of a small
+//!   buffered write whose write in place may not have landed yet (see
+//!   `object_store`'s deferred writes); deleted at the next sync;
 //! - `default`: the superblock.
 //!
 //! One key per block (not per extent) keeps a 4 KiB overwrite to one small
@@ -96,14 +96,17 @@ pub enum MetaOp {
     DeleteRef {
         disk_block: u64,
     },
-    /// Data being written to disk blocks from `disk_block` on, kept until
-    /// the write in place is known to have landed (a deferred write).
+    /// Data being written to disk blocks from `disk_block` on, kept under
+    /// `key` (rising within a run of the store) until the write in place
+    /// is known to have landed (a deferred write).
     PutDeferred {
+        key: u64,
         disk_block: u64,
         data: bytes::Bytes,
     },
-    /// The deferred data for `disk_block` is on the device.
+    /// The deferred data under `key` (for `disk_block`) is on the device.
     DeleteDeferred {
+        key: u64,
         disk_block: u64,
     },
 }
@@ -308,20 +311,24 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Calls `visit` for every deferred write's first disk block and data.
+    /// Calls `visit` for every deferred write's key, first disk block and
+    /// data, in key order.
     pub fn for_each_deferred(
         &self,
-        mut visit: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
+        mut visit: impl FnMut(u64, u64, &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         for item in self
             .db
             .iterator_cf(self.cf(CF_DEFERRED)?, IteratorMode::Start)
         {
             let (k, v) = item?;
-            let disk: [u8; 8] = k.as_ref().try_into().map_err(|_| {
+            let key: [u8; 16] = k.as_ref().try_into().map_err(|_| {
                 StoreError::Corrupt(format!("deferred write key of {} bytes", k.len()))
             })?;
-            visit(u64::from_be_bytes(disk), &v)?;
+            let (seq, disk) = key.split_at(8);
+            let seq: [u8; 8] = seq.try_into().unwrap_or_default();
+            let disk: [u8; 8] = disk.try_into().unwrap_or_default();
+            visit(u64::from_be_bytes(seq), u64::from_be_bytes(disk), &v)?;
         }
         Ok(())
     }
@@ -385,11 +392,13 @@ impl MetaStore {
                     batch.put_cf(refs, disk_block.to_be_bytes(), encode_ref(*count))
                 }
                 MetaOp::DeleteRef { disk_block } => batch.delete_cf(refs, disk_block.to_be_bytes()),
-                MetaOp::PutDeferred { disk_block, data } => {
-                    batch.put_cf(deferred, disk_block.to_be_bytes(), data)
-                }
-                MetaOp::DeleteDeferred { disk_block } => {
-                    batch.delete_cf(deferred, disk_block.to_be_bytes())
+                MetaOp::PutDeferred {
+                    key,
+                    disk_block,
+                    data,
+                } => batch.put_cf(deferred, deferred_key(*key, *disk_block), data),
+                MetaOp::DeleteDeferred { key, disk_block } => {
+                    batch.delete_cf(deferred, deferred_key(*key, *disk_block))
                 }
             }
         }
@@ -421,6 +430,14 @@ impl MetaStore {
 /// non-concurrent memtable writes only; the store has one writer, the
 /// committer, and turns concurrent memtable writes off.
 fn column_family_options(name: &str) -> Result<Options, StoreError> {
+    if name == CF_DEFERRED {
+        // Keys rise (a counter, big-endian, its first byte 0 for 2^56
+        // writes): with one hint for all of them, each insert goes next to
+        // the last one instead of searching the skip list from the top.
+        return Ok(Options::default().get_options_from_string(
+            "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.1",
+        )?);
+    }
     if name == CF_OBJECTS || name == CF_BLOCKS {
         let hint = format!(
             "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{OBJECT_KEY_BYTES}"
@@ -428,6 +445,14 @@ fn column_family_options(name: &str) -> Result<Options, StoreError> {
         return Ok(Options::default().get_options_from_string(hint)?);
     }
     Ok(Options::default())
+}
+
+/// Key of a deferred write's data: its number, then its first disk block.
+fn deferred_key(key: u64, disk_block: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&key.to_be_bytes());
+    out[8..].copy_from_slice(&disk_block.to_be_bytes());
+    out
 }
 
 fn encode_ref(count: u32) -> [u8; 5] {

@@ -32,10 +32,11 @@
 //!
 //! # Deferred writes
 //! A buffered write of at most `DEFER_MAX_BYTES`, while fewer than
-//! `StoreConfig::deferred_writes_in_flight` others are in flight, is deferred (BlueStore's
-//! deferred writes, without their sync): its data write to the fresh blocks
-//! starts, and a copy of the data goes into the same unsynced RocksDB
-//! batch as its block entries (`deferred` column family). It is
+//! `StoreConfig::deferred_writes_in_flight` others are in flight, is
+//! deferred (BlueStore's deferred writes, without their sync): its data
+//! write to the fresh blocks starts, and a copy of the data goes into the
+//! same unsynced RocksDB batch as its block entries (`deferred` column
+//! family). It is
 //! acknowledged once that batch is applied, without waiting for the device:
 //! after a SIGKILL the WAL (in the page cache) has the data, and open
 //! writes it in place again. The object stays locked until the data lands,
@@ -102,8 +103,17 @@ const EAGER_JOURNAL_AFTER_FLUSH: Duration = Duration::from_secs(2);
 /// Largest buffered write that may be deferred (acknowledged once its data
 /// is in RocksDB's WAL, before its write in place lands).
 const DEFER_MAX_BYTES: usize = 32 << 10;
-/// Default of `StoreConfig::deferred_writes_in_flight`.
-pub const DEFERRED_WRITES_IN_FLIGHT: usize = 8;
+/// Default of `StoreConfig::deferred_writes_in_flight`: off. Deferring
+/// saves a write the device's latency but costs CPU (the data's trip
+/// through the WAL, page zeroing of the growing WAL file, the memtable).
+/// On a disk with 33 µs writes (fio QD1 on the raw file), homed size-1
+/// 4 KiB random write on the dev cluster, alternated runs: QD1 75-79 µs
+/// deferring (2 or 8 at once) against 97-98 not deferring, qemu-nbd 68-69;
+/// QD32 27,126-35,002 IOPS against 37,997-49,909, 65 against 57 µs of OSD
+/// CPU per write at QD1. Worth turning on (`basalt osd
+/// --deferred-writes-in-flight 8`) where the disk's write latency, not CPU,
+/// bounds a client: hard disks, slow network block devices.
+pub const DEFERRED_WRITES_IN_FLIGHT: usize = 0;
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -117,10 +127,8 @@ pub struct StoreConfig {
     pub map_cache_objects: usize,
     /// Deferred writes whose data may be still on its way to the device, at
     /// most (0: none are deferred). Past this many, small buffered writes
-    /// wait for their data write like larger ones. Deferring pays where a
-    /// write waits on the device (low queue depth); at high queue depth
-    /// the device is busy anyway and each deferred write costs its data's
-    /// trip through the WAL. Default `DEFERRED_WRITES_IN_FLIGHT`.
+    /// wait for their data write like larger ones. Default
+    /// `DEFERRED_WRITES_IN_FLIGHT` (off; see there why).
     pub deferred_writes_in_flight: usize,
 }
 
@@ -483,7 +491,7 @@ impl<D: BlockDevice> ObjectStore<D> {
     /// sync to delete it.
     pub fn deferred_copies(&self) -> Result<usize, StoreError> {
         let mut count = 0;
-        self.inner.meta.for_each_deferred(|_, _| {
+        self.inner.meta.for_each_deferred(|_, _, _| {
             count += 1;
             Ok(())
         })?;
@@ -810,11 +818,14 @@ impl<D: BlockDevice> ObjectStore<D> {
         let mut deferred = Vec::new();
         let mut landing = None;
         if defer {
+            let landed = Landings::begin(&self.inner.landings);
             let mut at = 0;
-            for (start, buf) in &buffers {
+            for (run, (start, buf)) in buffers.iter().enumerate() {
                 let range = at..at + buf.len();
                 at = range.end;
                 deferred.push(MetaOp::PutDeferred {
+                    // At most 8 runs (32 KiB): 4 bits.
+                    key: landed.seq << 4 | run as u64,
                     disk_block: *start,
                     data: match shared {
                         Some(bytes) => bytes.slice(range),
@@ -822,7 +833,6 @@ impl<D: BlockDevice> ObjectStore<D> {
                     },
                 });
             }
-            let landed = Landings::begin(&self.inner.landings);
             let (device, failed) = (self.inner.device.clone(), self.inner.failed.clone());
             let writes = std::mem::take(&mut buffers);
             // The write ends its landing itself: a sync waits for it, and
@@ -1641,9 +1651,9 @@ struct Unsynced {
     ops: Vec<MetaOp>,
     /// Too many changes for one record: the next sync is a checkpoint.
     overflow: bool,
-    /// First disk blocks of deferred writes applied since the last sync:
-    /// the sync deletes their data from RocksDB.
-    deferred: Vec<u64>,
+    /// Keys of deferred writes applied since the last sync: the sync
+    /// deletes their data from RocksDB.
+    deferred: Vec<(u64, u64)>,
 }
 
 /// Unsynced changes kept for the next journal record, at most (about 750
@@ -1867,8 +1877,10 @@ impl<D: BlockDevice> Committer<D> {
         unsynced.data |= needs_flush;
         unsynced.free.extend(free);
         ops.retain(|op| match op {
-            MetaOp::PutDeferred { disk_block, .. } => {
-                unsynced.deferred.push(*disk_block);
+            MetaOp::PutDeferred {
+                key, disk_block, ..
+            } => {
+                unsynced.deferred.push((*key, *disk_block));
                 false
             }
             _ => true,
@@ -1905,7 +1917,7 @@ impl<D: BlockDevice> Committer<D> {
             self.unsynced
                 .deferred
                 .drain(..)
-                .map(|disk_block| MetaOp::DeleteDeferred { disk_block }),
+                .map(|(key, disk_block)| MetaOp::DeleteDeferred { key, disk_block }),
         );
     }
 
@@ -2185,7 +2197,8 @@ async fn replay_deferred<D: BlockDevice>(
     superblock: &Superblock,
 ) -> Result<Vec<MetaOp>, StoreError> {
     let mut writes = Vec::new();
-    meta.for_each_deferred(|disk_block, data| {
+    let mut deletes = Vec::new();
+    meta.for_each_deferred(|key, disk_block, data| {
         let blocks = (data.len() / BLOCK_BYTES) as u64;
         if data.is_empty()
             || !data.len().is_multiple_of(BLOCK_BYTES)
@@ -2203,14 +2216,9 @@ async fn replay_deferred<D: BlockDevice>(
         let mut buf = device.buffer(data.len());
         buf.copy_from_slice(data);
         writes.push((disk_block, buf));
+        deletes.push(MetaOp::DeleteDeferred { key, disk_block });
         Ok(())
     })?;
-    let deletes: Vec<MetaOp> = writes
-        .iter()
-        .map(|(disk_block, _)| MetaOp::DeleteDeferred {
-            disk_block: *disk_block,
-        })
-        .collect();
     for (disk_block, buf) in writes {
         let (_, result) = device.write(disk_block, buf).await;
         result.map_err(|source| StoreError::Io {
