@@ -431,8 +431,8 @@ impl MetaStore {
 /// committer, and turns concurrent memtable writes off.
 fn column_family_options(name: &str) -> Result<Options, StoreError> {
     if name == CF_DEFERRED {
-        // Keys rise (a counter, big-endian, its first byte 0 for 2^56
-        // writes): with one hint for all of them, each insert goes next to
+        // Keys rise (a counter shifted by 4 bits, big-endian, its first
+        // byte 0 for 2^52 writes): with one hint for all of them, each insert goes next to
         // the last one instead of searching the skip list from the top.
         return Ok(Options::default().get_options_from_string(
             "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.1",

@@ -33,10 +33,10 @@
 //! # Deferred writes
 //! A buffered write of at most `DEFER_MAX_BYTES`, while fewer than
 //! `StoreConfig::deferred_writes_in_flight` others are in flight, is
-//! deferred (BlueStore's deferred writes, without their sync): its data
-//! write to the fresh blocks starts, and a copy of the data goes into the
-//! same unsynced RocksDB batch as its block entries (`deferred` column
-//! family). It is
+//! deferred (BlueStore's deferred writes, without their sync; off by
+//! default, see `DEFERRED_WRITES_IN_FLIGHT`): its data write to the fresh
+//! blocks starts, and a copy of the data goes into the same unsynced
+//! RocksDB batch as its block entries (`deferred` column family). It is
 //! acknowledged once that batch is applied, without waiting for the device:
 //! after a SIGKILL the WAL (in the page cache) has the data, and open
 //! writes it in place again. The object stays locked until the data lands,
@@ -2199,32 +2199,22 @@ async fn replay_deferred<D: BlockDevice>(
     let mut writes = Vec::new();
     let mut deletes = Vec::new();
     meta.for_each_deferred(|key, disk_block, data| {
-        let blocks = (data.len() / BLOCK_BYTES) as u64;
         if data.is_empty()
             || !data.len().is_multiple_of(BLOCK_BYTES)
             || data.len() > DEFER_MAX_BYTES
-            || disk_block < superblock.journal_blocks
-            || disk_block
-                .checked_add(blocks)
-                .is_none_or(|end| end > superblock.block_count)
+            || !in_data_area(superblock, disk_block, data.len())
         {
             return Err(StoreError::Corrupt(format!(
                 "deferred write of {} bytes at disk block {disk_block}, outside the data area",
                 data.len()
             )));
         }
-        let mut buf = device.buffer(data.len());
-        buf.copy_from_slice(data);
-        writes.push((disk_block, buf));
+        writes.push((disk_block, data.to_vec()));
         deletes.push(MetaOp::DeleteDeferred { key, disk_block });
         Ok(())
     })?;
-    for (disk_block, buf) in writes {
-        let (_, result) = device.write(disk_block, buf).await;
-        result.map_err(|source| StoreError::Io {
-            op: "replay deferred write",
-            source,
-        })?;
+    for (disk_block, data) in writes {
+        write_replayed(device, disk_block, &data, "replay deferred write").await?;
     }
     if !deletes.is_empty() {
         tracing::info!(
@@ -2233,6 +2223,30 @@ async fn replay_deferred<D: BlockDevice>(
         );
     }
     Ok(deletes)
+}
+
+/// Whether `len` bytes from disk block `start` on lie in the data area
+/// (past the journal, before the end): open checks what it replays (a
+/// journal record's inline data, a deferred write's copy) before writing it.
+fn in_data_area(superblock: &Superblock, start: u64, len: usize) -> bool {
+    let blocks = (len / BLOCK_BYTES) as u64;
+    start >= superblock.journal_blocks
+        && start
+            .checked_add(blocks)
+            .is_some_and(|end| end <= superblock.block_count)
+}
+
+/// Writes data open replays to disk blocks from `start` on.
+async fn write_replayed<D: BlockDevice>(
+    device: &D,
+    start: u64,
+    data: &[u8],
+    op: &'static str,
+) -> Result<(), StoreError> {
+    let mut buf = device.buffer(data.len());
+    buf.copy_from_slice(data);
+    let (_, result) = device.write(start, buf).await;
+    result.map_err(|source| StoreError::Io { op, source })
 }
 
 /// The crc32c of a block of zeros (a hole reads as one).
@@ -2313,24 +2327,14 @@ async fn replay_journal<D: BlockDevice>(
     let mut replayed = 0usize;
     for record in &records {
         for (start, data) in &record.inline {
-            let blocks = (data.len() / BLOCK_BYTES) as u64;
-            if *start < superblock.journal_blocks
-                || start
-                    .checked_add(blocks)
-                    .is_none_or(|end| end > superblock.block_count)
-            {
+            if !in_data_area(superblock, *start, data.len()) {
                 return Err(StoreError::Corrupt(format!(
-                    "journal record {} writes blocks {start}+{blocks}, outside the data area",
-                    record.seq
+                    "journal record {} writes blocks {start}+{}, outside the data area",
+                    record.seq,
+                    data.len() / BLOCK_BYTES
                 )));
             }
-            let mut buf = device.buffer(data.len());
-            buf.copy_from_slice(data);
-            let (_, result) = device.write(*start, buf).await;
-            result.map_err(|source| StoreError::Io {
-                op: "replay journal data",
-                source,
-            })?;
+            write_replayed(device, *start, data, "replay journal data").await?;
         }
         if record.seq > applied {
             meta.write_marked(&record.ops, Some(record.seq), None, false)?;
