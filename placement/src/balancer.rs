@@ -2,7 +2,9 @@
 //!
 //! Hash-based placement leaves a binomial spread: at 80 PGs per OSD some OSDs
 //! hold 40% more than the mean. The balancer moves single PG members from
-//! OSDs above their weight-proportional target to OSDs below it, recording
+//! OSDs above their weight-proportional target to OSDs below it (and only
+//! when the receiver ends less loaded, relative to its target, than the giver
+//! was, so the most loaded OSD never gets worse), recording
 //! each move as an exception `(from, to)` on the pool, as Ceph's upmap
 //! balancer does. Every move keeps the pool's rule: the target is eligible,
 //! not already in the set, and in a failure domain the rest of the set does
@@ -151,9 +153,16 @@ impl Balancer {
                             .filter(|(p, _)| *p != pos)
                             .map(|(_, m)| placer.domain(*m, kind))
                             .collect();
+                        // The receiver must end below the giver's load
+                        // relative to target: a light OSD (target 1.3 PGs)
+                        // taking a second PG would be at 1.5x, worse than a
+                        // giver at 5 of 4. So each move lowers the larger of
+                        // the pair's ratios and the worst OSD never gets worse.
+                        let from_ratio = counts[from] as f64 / targets[from];
                         let choice = underfull.iter().copied().find(|to| {
                             counts[*to] < caps[*to]
                                 && (counts[*to] as f64) < targets[*to]
+                                && ((counts[*to] + 1) as f64 / targets[*to]) < from_ratio
                                 && !set.contains(&osds[*to])
                                 && !used.contains(&domains[*to])
                         });
