@@ -28,6 +28,7 @@ use rand_chacha::ChaCha8Rng;
 
 const B: u64 = BLOCK_BYTES as u64;
 const WRITERS: u64 = 4;
+/// Kill-and-restart rounds; `BASALT_CRASH_ROUNDS=N` runs more by hand.
 const ROUNDS: u64 = 20;
 
 fn key(volume: u64) -> ObjectKey {
@@ -231,7 +232,11 @@ async fn crash_kill_restart_twenty_times() {
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
     let mut total_acked = 0;
     let mut model = Model::default();
-    for round in 0..ROUNDS {
+    let rounds = std::env::var("BASALT_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS);
+    for round in 0..rounds {
         let mut child = Command::new(&exe)
             .args(["--exact", "crash_child", "--ignored", "--nocapture"])
             .env("BASALT_CRASH_DIR", dir.path())

@@ -37,6 +37,17 @@ fn pattern(id: u64, len: usize) -> Vec<u8> {
     data
 }
 
+/// Seeds of the randomized tests: `default` unless `BASALT_STORE_SEED=S`
+/// (that seed alone) or `BASALT_STORE_SEEDS=N` (seeds 0..N) says otherwise,
+/// for longer hunts by hand than CI's.
+fn seeds(default: std::ops::Range<u64>) -> std::ops::Range<u64> {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(seed) = var("BASALT_STORE_SEED") {
+        return seed..seed + 1;
+    }
+    var("BASALT_STORE_SEEDS").map_or(default, |n| 0..n)
+}
+
 async fn uring_store(dir: &std::path::Path, size: u64) -> ObjectStore<UringDevice> {
     ObjectStore::format_dir(dir, size, false).unwrap();
     ObjectStore::open_dir(dir, StoreConfig::default())
@@ -585,7 +596,7 @@ impl MetaCopies {
 #[tokio::test]
 async fn power_loss_keeps_every_acknowledged_write() {
     let mut rolled_back = 0;
-    for seed in 0..24u64 {
+    for seed in seeds(0..24) {
         let dir = tempfile::tempdir().unwrap();
         let device = Arc::new(MemDevice::new(16384));
         // Odd seeds: a disk with FUA, whose durable writes persist nothing
@@ -698,7 +709,7 @@ impl FlushModel {
 /// `power_loss_keeps_every_acknowledged_write`.
 #[tokio::test]
 async fn power_loss_with_flushes_keeps_every_flushed_write() {
-    for seed in 0..24u64 {
+    for seed in seeds(0..24) {
         let dir = tempfile::tempdir().unwrap();
         let device = Arc::new(MemDevice::new(16384));
         device.set_fua(seed % 2 == 1);
@@ -1266,6 +1277,13 @@ async fn clones_share_blocks_until_written() {
 /// reopen (empty cache) everything reads the same.
 #[tokio::test]
 async fn random_operations_read_back_what_a_model_says() {
+    for seed in seeds(0..8) {
+        eprintln!("seed {seed}");
+        model_run(seed).await;
+    }
+}
+
+async fn model_run(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let device = Arc::new(MemDevice::new(16384));
     let config = StoreConfig {
@@ -1287,7 +1305,7 @@ async fn random_operations_read_back_what_a_model_says() {
     let mut versions: HashMap<ObjectKey, Option<u64>> =
         objects.iter().map(|k| (*k, None)).collect();
     let mut lengths = HashMap::new();
-    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     for id in 1..=600u64 {
         if id % 50 == 0 {
             // A sync: deferred writes' copies go, given-up blocks come free.
@@ -1392,7 +1410,8 @@ async fn random_operations_read_back_what_a_model_says() {
                 );
             }
         }
-        assert!(store.fsck().await.unwrap().is_clean());
+        let report = store.fsck().await.unwrap();
+        assert!(report.is_clean(), "{report:?}");
         store
     }
     let store = check(store, &objects, &model, &lengths, &versions).await;

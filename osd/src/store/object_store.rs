@@ -1511,7 +1511,15 @@ impl<D: BlockDevice> ObjectStore<D> {
     /// referenced blocks, and every block's checksum. Run it while no writes
     /// are in flight (blocks of writes in flight look leaked).
     pub async fn fsck(&self) -> Result<FsckReport, StoreError> {
-        // Deferred writes' data still on its way would read as corrupt.
+        // Syncs first: blocks that buffered changes gave up stay allocated
+        // (with the committer, not the allocator) until a sync, and would
+        // look leaked. The sync also waits for deferred writes' data, which
+        // would read as corrupt while on its way. (Not `flush`: that marks
+        // a client as flushing. A failed store is checked as it is.)
+        if self.check_failed().is_ok() {
+            self.commit(Vec::new(), false, Durability::Durable, Vec::new())
+                .await?;
+        }
         self.inner.landings.wait_begun().await;
         let block_count = self.allocator().block_count();
         let mut report = FsckReport {
