@@ -1288,7 +1288,7 @@ async fn model_run(seed: u64) {
     let device = Arc::new(MemDevice::new(16384));
     // Even seeds defer small buffered writes, odd ones run the default
     // (no deferral).
-    let deferring = seed % 2 == 0;
+    let deferring = seed.is_multiple_of(2);
     let config = StoreConfig {
         map_cache_objects: 2,
         deferred_writes_in_flight: if deferring { 8 } else { 0 },
