@@ -226,3 +226,177 @@ async fn hostile_requests_get_clear_errors_and_the_osd_keeps_serving() {
         assert_eq!(unsafe { libc::kill(pid as i32, 0) }, 0, "{name} died");
     }
 }
+
+/// Every request kind, with random header fields, flags, epochs and data
+/// lengths, sent to every OSD of the cluster: each gets a reply (an error
+/// says why), the connections stay up, the OSDs keep serving and a volume
+/// nothing was aimed at reads back unchanged. `BASALT_FUZZ_FRAMES=N` sends
+/// more by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_get_replies_and_touch_nothing_else() {
+    use rand::Rng;
+    const KINDS: [Kind; 18] = [
+        Kind::Ping,
+        Kind::Read,
+        Kind::Write,
+        Kind::WriteZeroes,
+        Kind::Discard,
+        Kind::RepWrite,
+        Kind::RepWriteZeroes,
+        Kind::RepDiscard,
+        Kind::BlockStatus,
+        Kind::PgStat,
+        Kind::PgList,
+        Kind::ObjPull,
+        Kind::ObjPush,
+        Kind::PgScrub,
+        Kind::PgDigest,
+        Kind::Flush,
+        Kind::PgRemove,
+        Kind::PgNotify,
+    ];
+    let cluster = DevCluster::up("1G").unwrap();
+    let (client, volume) = open_new_volume(&cluster.mons(), "kept", 8 * MIB)
+        .await
+        .unwrap();
+    let mut data = vec![0u8; 8 * MIB as usize];
+    rand_chacha::ChaCha8Rng::seed_from_u64(6).fill_bytes(&mut data);
+    volume.write(0, &data, Durability::Durable).await.unwrap();
+    let map = client.refresh_map().await.unwrap();
+    let epoch = map.epoch.0;
+    let kept_pgs: Vec<_> = (0..2)
+        .map(|index| map.pg_of_object(volume.id, index).unwrap())
+        .collect();
+    let mut osds = Vec::new();
+    for osd in map.osds.values() {
+        let addr: SocketAddr = osd.addr.as_deref().unwrap().parse().unwrap();
+        osds.push(
+            Connection::connect(addr, Duration::from_secs(2))
+                .await
+                .unwrap(),
+        );
+    }
+
+    let frames: u64 = std::env::var("BASALT_FUZZ_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xf022);
+    let mut statuses = std::collections::BTreeMap::new();
+    for n in 0..frames {
+        let kind = KINDS[rng.random_range(0..KINDS.len())];
+        let pg = match rng.random_range(0..4) {
+            0 => kept_pgs[rng.random_range(0..kept_pgs.len())],
+            1 => basalt_placement::PgId::new(PoolId(0), rng.random_range(0..64)),
+            2 => basalt_placement::PgId {
+                pool: PoolId(0),
+                seed: rng.random_range(0..64),
+                home: Some(basalt_placement::HostId(rng.random_range(0..5))),
+            },
+            _ => basalt_placement::PgId::new(PoolId(rng.random()), rng.random()),
+        };
+        // Never the kept volume's objects (its id is not drawn).
+        let object = ObjectId {
+            volume: VolumeId(volume.id.0 + 1 + rng.random_range(0..1u64 << 40)),
+            index: rng.random_range(0..4),
+        };
+        let offset = match rng.random_range(0..5) {
+            0 => 0,
+            1 => 4096 * rng.random_range(0..1024u64),
+            2 => rng.random_range(0..4 * MIB),
+            3 => 4 * MIB - 4096,
+            _ => rng.random(),
+        };
+        let length: u32 = match rng.random_range(0..5) {
+            0 => 0,
+            1 => 4096 * rng.random_range(1..=16u32),
+            2 => rng.random_range(0..65536),
+            3 => 4 * MIB as u32,
+            _ => rng.random(),
+        };
+        let data_len = match rng.random_range(0..3) {
+            0 => 0,
+            1 => (length as usize).min(64 << 10),
+            _ => rng.random_range(0..20_000),
+        };
+        let mut body = vec![0u8; data_len];
+        rng.fill_bytes(&mut body);
+        let payload = if rng.random_range(0..8) == 0 {
+            // Not even an op header.
+            let mut junk = vec![0u8; rng.random_range(0..80)];
+            rng.fill_bytes(&mut junk);
+            Bytes::from(junk)
+        } else {
+            OpHeader {
+                offset,
+                length,
+                version: rng.random_range(0..1u64 << 20),
+                flags: rng.random::<u32>() & 0xf,
+                ..OpHeader::for_object(pg, object, 0)
+            }
+            .encode_with(&body)
+        };
+        // A newer epoch than the OSD's makes it wait (2 s) for that map:
+        // rare, to keep the test short.
+        let frame_epoch = match rng.random_range(0..200) {
+            0..=29 => epoch.saturating_sub(1),
+            30 => epoch + 3,
+            _ => epoch,
+        };
+        let mut request = frame(kind, frame_epoch, payload);
+        // Any flag but the reply bit (a reply sent as a request is a
+        // protocol violation: the OSD hangs up, as the wire tests check).
+        request.flags = rng.random::<u32>() & !basalt_wire::FLAG_REPLY;
+        let to = rng.random_range(0..osds.len());
+        let what = format!(
+            "frame {n}: {kind:?} to OSD #{to}, {pg}, offset {offset}, length {length}, {data_len} bytes of data, epoch {frame_epoch}"
+        );
+        let started = std::time::Instant::now();
+        let reply = osds[to]
+            .call(request, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: no reply: {e}"));
+        // Nothing at the OSD's epoch waits for peering that never comes
+        // (a PG no volume is homed in used to answer Busy after 3 s).
+        assert!(
+            frame_epoch > epoch || started.elapsed() < Duration::from_secs(3),
+            "{what}: {:?} after {:?}",
+            Status::from_u32(reply.status),
+            started.elapsed()
+        );
+        let status = Status::from_u32(reply.status);
+        if status != Status::Ok {
+            assert!(
+                !reply.payload.is_empty(),
+                "{what}: {status:?} without a reason"
+            );
+        }
+        *statuses
+            .entry(format!("{kind:?} {status:?}"))
+            .or_insert(0u64) += 1;
+    }
+    eprintln!("replies by kind and status: {statuses:#?}");
+
+    for (i, osd) in osds.iter().enumerate() {
+        assert!(osd.is_alive(), "OSD #{i} dropped its connection");
+        let ping = osd
+            .call(
+                frame(Kind::Ping, epoch, Bytes::new()),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(Status::from_u32(ping.status), Status::Ok);
+    }
+    let back = volume.read(0, 8 * MIB).await.unwrap();
+    assert!(back[..] == data[..], "the kept volume changed");
+    for (name, _, pid) in cluster.processes() {
+        // SAFETY: signal 0 only checks that the process exists.
+        assert_eq!(unsafe { libc::kill(pid as i32, 0) }, 0, "{name} died");
+    }
+    for osd in std::fs::read_dir(cluster.dir.path().join("logs")).unwrap() {
+        let path = osd.unwrap().path();
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(!log.contains("panicked"), "{}: a panic", path.display());
+    }
+}

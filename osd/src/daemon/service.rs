@@ -267,8 +267,22 @@ impl OsdService {
             return self.pg_stat(&frame, key.pg, &acting.members, &map);
         }
         // A PG serves no client op until this primary has peered it.
-        if let Err(reason) = self.ensure_active(key.pg, &acting.members, &map).await {
-            return reply(&frame, Status::Busy, epoch, message(reason));
+        match self.ensure_active(key.pg, &acting.members, &map).await {
+            Ok(()) => {}
+            Err(peering::Inactive::NotYet(reason)) => {
+                return reply(&frame, Status::Busy, epoch, message(reason));
+            }
+            // A sender with an older map may be behind a volume's removal,
+            // and this OSD, if it waited in vain for the sender's newer map,
+            // behind a volume's creation: both retry.
+            Err(peering::Inactive::NotInMap(reason)) => {
+                let status = if frame.epoch != epoch {
+                    Status::StaleEpoch
+                } else {
+                    Status::Invalid
+                };
+                return reply(&frame, status, epoch, message(reason));
+            }
         }
         let writes = matches!(frame.kind, Kind::Write | Kind::WriteZeroes | Kind::Discard);
         if writes || matches!(frame.kind, Kind::Read | Kind::BlockStatus) {

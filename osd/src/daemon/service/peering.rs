@@ -149,6 +149,26 @@ impl Throttle {
     }
 }
 
+/// Why a PG does not serve client ops (`OsdService::ensure_active`).
+pub(super) enum Inactive {
+    /// Not one of `pgs_of(map)`: nothing will peer it.
+    NotInMap(String),
+    /// Peering, or incomplete: retry.
+    NotYet(String),
+}
+
+/// Whether `pg` is one of `pgs_of(map)`.
+fn is_pg_of(map: &ClusterMap, pg: PgId) -> bool {
+    map.pools.get(&pg.pool).is_some_and(|pool| {
+        pg.seed < pool.pg_count
+            && (pg.home.is_none()
+                || map
+                    .volumes
+                    .values()
+                    .any(|v| v.pool == pg.pool && v.home == pg.home))
+    })
+}
+
 /// Returns every PG of the map: each pool's seeds, unhomed and for every
 /// host that is some volume's home in that pool.
 fn pgs_of(map: &ClusterMap) -> Vec<PgId> {
@@ -527,9 +547,17 @@ impl OsdService {
         pg: PgId,
         acting: &[OsdId],
         map: &ClusterMap,
-    ) -> Result<(), String> {
+    ) -> Result<(), Inactive> {
         if self.is_active(pg, acting, map) {
             return Ok(());
+        }
+        if !is_pg_of(map, pg) {
+            // Nothing will ever peer it (`pgs_of`): say so now rather than
+            // after the wait, as Busy.
+            return Err(Inactive::NotInMap(format!(
+                "{pg} is not a PG of the map at epoch {} (no such pool, seed or volume home)",
+                map.epoch.0
+            )));
         }
         self.recovery_wakeup.notify_one();
         let started = Instant::now();
@@ -539,13 +567,13 @@ impl OsdService {
                 return Ok(());
             }
         }
-        Err(match self.pg_phase(pg) {
+        Err(Inactive::NotYet(match self.pg_phase(pg) {
             Some(PgPeering {
                 phase: PgPhase::Incomplete(why),
                 ..
             }) => format!("{pg} is incomplete: {why}"),
             _ => format!("{pg} is peering"),
-        })
+        }))
     }
 
     /// Peers `pg` for `acting` unless it already is; one peering per PG at
