@@ -230,8 +230,8 @@ async fn hostile_requests_get_clear_errors_and_the_osd_keeps_serving() {
 /// Every request kind, with random header fields, flags, epochs and data
 /// lengths, sent to every OSD of the cluster: each gets a reply (an error
 /// says why), the connections stay up, the OSDs keep serving and a volume
-/// nothing was aimed at reads back unchanged. `BASALT_FUZZ_FRAMES=N` sends
-/// more by hand.
+/// nothing was aimed at reads back unchanged. `BASALT_FUZZ_FRAMES=N` and
+/// `BASALT_FUZZ_SEED=S` send more, or others, by hand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_get_replies_and_touch_nothing_else() {
     use rand::Rng;
@@ -281,7 +281,11 @@ async fn random_requests_get_replies_and_touch_nothing_else() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xf022);
+    let seed = std::env::var("BASALT_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0xf022);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut statuses = std::collections::BTreeMap::new();
     for n in 0..frames {
         let kind = KINDS[rng.random_range(0..KINDS.len())];
