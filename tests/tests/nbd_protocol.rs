@@ -1,6 +1,7 @@
 //! The NBD gateway against the protocol: every option and command through
-//! libnbd (errors included), and extended headers (64-bit requests) through a
-//! raw client of our own, since Debian 12's libnbd predates them.
+//! libnbd (errors included), extended headers (64-bit requests) through a
+//! raw client of our own, since Debian 12's libnbd predates them, and
+//! thousands of random requests through that client.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
@@ -322,4 +323,159 @@ fn extended_headers_carry_64_bit_requests() {
             .any(|l| l.contains("headers=\"extended\"") || l.contains("headers=extended")),
         "QEMU did not negotiate extended headers:\n{log}"
     );
+}
+
+/// Random requests of every command (and an unknown one), with random
+/// flags, offsets and lengths, over extended headers: each gets exactly one
+/// complete reply with its cookie, the connection stays up, and an export
+/// nothing was aimed at reads back unchanged. `BASALT_FUZZ_REQUESTS=N` and
+/// `BASALT_FUZZ_SEED=S` send more, or others, by hand.
+#[test]
+fn random_requests_get_one_reply_each_and_touch_nothing_else() {
+    use rand::{Rng, RngCore, SeedableRng};
+    const MIB: u64 = 1 << 20;
+    const SCRATCH: u64 = 64 * MIB;
+    let cluster = DevCluster::up("1G").unwrap();
+    let mons = cluster.mon_list();
+    for (name, size) in [("kept", "8M"), ("scratch", "64M")] {
+        must_succeed(&basalt(&[
+            "--mon", &mons, "volume", "create", name, "--size", size,
+        ]));
+    }
+    let addr = format!("127.0.1.1:{}", cluster.nbd_port);
+    must_reach_nbd(&format!("nbd://{addr}/kept"));
+    let open = |export: &str, allocation: bool| {
+        let mut client = RawClient::connect(&addr);
+        assert_eq!(client.final_reply(OPT_EXTENDED_HEADERS, &[]), REP_ACK);
+        if allocation {
+            let mut meta = name_data(export, &[]);
+            meta.truncate(4 + export.len());
+            meta.extend_from_slice(&1u32.to_be_bytes());
+            meta.extend_from_slice(&(ALLOCATION_CONTEXT_NAME.len() as u32).to_be_bytes());
+            meta.extend_from_slice(ALLOCATION_CONTEXT_NAME.as_bytes());
+            let replies = client.option(OPT_SET_META_CONTEXT, &meta);
+            assert_eq!(replies.last().unwrap().0, REP_ACK, "{replies:?}");
+        }
+        let go = client.option(OPT_GO, &name_data(export, &[]));
+        assert_eq!(go.last().unwrap().0, REP_ACK, "{go:?}");
+        client
+    };
+    let mut kept = open("kept", false);
+    let mut pattern = vec![0u8; MIB as usize];
+    rand_chacha::ChaCha8Rng::seed_from_u64(9).fill_bytes(&mut pattern);
+    let (kind, _) = kept.call(CMD_FLAG_FUA, CMD_WRITE, MIB, MIB, &pattern);
+    assert_eq!(kind, REPLY_TYPE_NONE);
+
+    let requests: u64 = std::env::var("BASALT_FUZZ_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    let seed = std::env::var("BASALT_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x4e42);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let commands = [
+        CMD_READ,
+        CMD_WRITE,
+        CMD_FLUSH,
+        CMD_TRIM,
+        CMD_CACHE,
+        CMD_WRITE_ZEROES,
+        CMD_BLOCK_STATUS,
+        42,
+    ];
+    let mut outcomes = std::collections::BTreeMap::new();
+    let mut client = open("scratch", true);
+    for n in 0..requests {
+        if n % 300 == 299 {
+            // A new connection now and then, half without the allocation
+            // context (block status is then invalid).
+            client = open("scratch", n % 600 == 299);
+        }
+        let command = commands[rng.random_range(0..commands.len())];
+        let flags = match rng.random_range(0..4) {
+            0 | 1 => 0,
+            2 => {
+                rng.random::<u16>()
+                    & (CMD_FLAG_FUA
+                        | CMD_FLAG_NO_HOLE
+                        | CMD_FLAG_DF
+                        | CMD_FLAG_REQ_ONE
+                        | CMD_FLAG_FAST_ZERO)
+            }
+            _ => rng.random::<u16>() & !CMD_FLAG_PAYLOAD_LEN,
+        };
+        // Mostly well-formed (aligned, in range), so the commands run.
+        let offset = match rng.random_range(0..9) {
+            0 => 0,
+            1..=4 => 4096 * rng.random_range(0..SCRATCH / 4096),
+            5 => rng.random_range(0..SCRATCH),
+            6 => SCRATCH - 4096,
+            7 => SCRATCH,
+            _ => rng.random(),
+        };
+        let length = match rng.random_range(0..9) {
+            0 => 0,
+            1..=4 => 4096 * rng.random_range(1..=16u64),
+            5 => rng.random_range(0..65536),
+            6 => SCRATCH,
+            7 => 64 * MIB + 4096,
+            _ => rng.random(),
+        };
+        let (offset, mut length) = if command == CMD_FLUSH && rng.random_bool(0.5) {
+            (0, 0)
+        } else {
+            (offset, length)
+        };
+        let mut payload = Vec::new();
+        if command == CMD_WRITE {
+            // The data follows the header: at most 64 KiB of it here.
+            length = length.min(64 << 10);
+            payload = vec![0u8; length as usize];
+            rng.fill_bytes(&mut payload);
+        }
+        let cookie = 1000 + n;
+        client.send(flags, command, cookie, offset, length, &payload);
+        let what = format!(
+            "request {n}: command {command} flags {flags:#x} offset {offset} length {length}"
+        );
+        let mut error = None;
+        loop {
+            let (reply_flags, kind, reply_cookie, _, body) = client.reply();
+            assert_eq!(reply_cookie, cookie, "{what}: a reply to another request");
+            if kind == REPLY_TYPE_ERROR {
+                assert!(body.len() >= 6, "{what}: a short error chunk");
+                error = Some(u32::from_be_bytes(body[0..4].try_into().unwrap()));
+            }
+            if reply_flags & REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        *outcomes
+            .entry(format!("command {command}: {error:?}"))
+            .or_insert(0u32) += 1;
+    }
+    eprintln!("outcomes: {outcomes:#?}");
+
+    // Every connection is still usable; the kept export is unchanged.
+    let (kind, _) = client.call(0, CMD_READ, 0, 4096, &[]);
+    assert_ne!(kind, REPLY_TYPE_ERROR);
+    let mut kept = open("kept", false);
+    let (_, body) = kept.call(0, CMD_READ, MIB, MIB, &[]);
+    assert!(body[8..] == pattern[..], "the kept export changed");
+    let size = must_succeed(&must_run(
+        "nbdinfo",
+        &["--size", &format!("nbd://{addr}/kept")],
+    ));
+    assert_eq!(size.trim(), (8 * MIB).to_string());
+    for (name, _, pid) in cluster.processes() {
+        // SAFETY: signal 0 only checks that the process exists.
+        assert_eq!(unsafe { libc::kill(pid as i32, 0) }, 0, "{name} died");
+    }
+    for log in std::fs::read_dir(cluster.dir.path().join("logs")).unwrap() {
+        let path = log.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(!text.contains("panicked"), "{}: a panic", path.display());
+    }
 }
