@@ -3,15 +3,17 @@
 //! Bootstrap: every monitor is started with the same `--peers` list
 //! (`name=addr,...`). Member ids are the names' positions in sorted order
 //! (plus one), so every monitor derives the same membership. The first
-//! member in name order, on its first start (no raft state), initialises the
-//! group with that membership; the others wait to be contacted, so the group
-//! forms as soon as that monitor and a majority are up, whatever the order of
-//! starts. (Initialising on every member is allowed by raft but races with
-//! the first election and makes openraft log errors.) A monitor whose data
-//! directory was wiped starts empty and is brought up to date by the leader,
-//! by snapshot when the log it needs was compacted away; only the first
-//! member must not be wiped while the others are down, or it would found a
-//! new, empty group.
+//! member in name order, with no raft state, initialises the group with
+//! that membership once a majority of the members (itself included) said
+//! they have no raft state and none reported a group; the others wait to be
+//! contacted, so the group forms as soon as that monitor and a majority are
+//! up, whatever the order of starts. (Initialising on every member is
+//! allowed by raft but races with the first election and makes openraft log
+//! errors.) A monitor whose data directory was wiped starts empty and is
+//! brought up to date by the leader, by snapshot when the log it needs was
+//! compacted away. A wiped first member waits while members do not answer
+//! (down, or too slow to answer in a second): it founds nothing beside a
+//! group it cannot see. Only a majority wiped at once loses the map.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -148,10 +150,18 @@ impl MonitorConfig {
     }
 }
 
-/// Returns whether another member already belongs to a formed group (it
-/// reports a raft term), in which case this monitor must join it, not found
-/// a new one: it lost its data directory.
-async fn peers_have_a_group(members: &BTreeMap<u64, (String, String)>, id: u64) -> bool {
+/// What the other members answered about the monitor group.
+#[derive(Debug, Default, PartialEq)]
+struct PeerProbe {
+    /// Members that answered with no raft state (term 0).
+    empty: usize,
+    /// Some member belongs to a formed group (it reports a raft term).
+    group: bool,
+}
+
+/// Asks every other member whether it belongs to a formed group (1 s each).
+async fn probe_peers(members: &BTreeMap<u64, (String, String)>, id: u64) -> PeerProbe {
+    let mut probe = PeerProbe::default();
     for (peer, (_, addr)) in members {
         if *peer == id {
             continue;
@@ -165,11 +175,76 @@ async fn peers_have_a_group(members: &BTreeMap<u64, (String, String)>, id: u64) 
         let status = mon
             .call(|mut c| async move { c.status(basalt_proto::monitor::StatusRequest {}).await })
             .await;
-        if status.is_ok_and(|s| s.raft_term > 0) {
-            return true;
+        match status {
+            Ok(status) if status.raft_term > 0 => probe.group = true,
+            Ok(_) => probe.empty += 1,
+            // No answer says nothing: it may hold the group's data.
+            Err(_) => {}
         }
     }
-    false
+    probe
+}
+
+/// Whether the founder (the first member, without raft state) may found
+/// the group: no member reports a group, and a majority of the members
+/// (itself included) answered that they have no raft state, so no group
+/// with a majority can exist elsewhere. A member that does not answer in
+/// time (a slow or overloaded host) may hold the group: the founder then
+/// waits rather than found a second, empty group beside it.
+fn may_found(probe: &PeerProbe, members: usize) -> bool {
+    !probe.group && probe.empty + 1 > members / 2
+}
+
+/// The founder without raft state: founds the group once `may_found`
+/// says so, or stops as soon as it belongs to one (a leader brought it up
+/// to date after its data directory was wiped) or another member reports a
+/// group (whose leader will).
+async fn found_when_safe(
+    raft: MonRaft,
+    members: BTreeMap<u64, (String, String)>,
+    id: u64,
+    name: String,
+    shutdown: CancellationToken,
+) {
+    let mut waited = false;
+    loop {
+        if raft.is_initialized().await.unwrap_or(false) {
+            tracing::info!(monitor = %name, id, "joined the monitor group");
+            return;
+        }
+        let probe = probe_peers(&members, id).await;
+        if probe.group {
+            tracing::info!(
+                monitor = %name,
+                id,
+                "another member belongs to a monitor group: waiting to join it"
+            );
+            return;
+        }
+        if may_found(&probe, members.len()) {
+            let nodes: BTreeMap<u64, BasicNode> = members
+                .iter()
+                .map(|(id, (_, addr))| (*id, BasicNode::new(addr.clone())))
+                .collect();
+            match raft.initialize(nodes).await {
+                Ok(()) => tracing::info!(monitor = %name, id, "monitor group initialised"),
+                Err(e) => tracing::info!(monitor = %name, "not initialising: {e}"),
+            }
+            return;
+        }
+        if !waited {
+            waited = true;
+            tracing::info!(
+                monitor = %name,
+                id,
+                "waiting for a majority of members to answer before founding the monitor group"
+            );
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
 }
 
 /// Runs a monitor until `shutdown` is cancelled.
@@ -255,15 +330,16 @@ pub async fn run(config: MonitorConfig, shutdown: CancellationToken) -> Result<(
         .map_err(|e| MonitorError::Raft(e.to_string()))?
     {
         tracing::info!(monitor = %config.name, id, "monitor restarted with its data");
-    } else if members.keys().next() == Some(&id) && !peers_have_a_group(&members, id).await {
-        let nodes: BTreeMap<u64, BasicNode> = members
-            .iter()
-            .map(|(id, (_, addr))| (*id, BasicNode::new(addr.clone())))
-            .collect();
-        match raft.initialize(nodes).await {
-            Ok(()) => tracing::info!(monitor = %config.name, id, "monitor group initialised"),
-            Err(e) => tracing::info!(monitor = %config.name, "not initialising: {e}"),
-        }
+    } else if members.keys().next() == Some(&id) {
+        // Serving meanwhile: the other members' probes and a leader's
+        // replication reach this monitor while it waits.
+        tokio::spawn(found_when_safe(
+            raft.clone(),
+            members.clone(),
+            id,
+            config.name.clone(),
+            shutdown.clone(),
+        ));
     } else {
         tracing::info!(monitor = %config.name, id, "waiting to join the monitor group");
     }
@@ -292,5 +368,31 @@ pub async fn run(config: MonitorConfig, shutdown: CancellationToken) -> Result<(
             source,
         }),
         Err(e) => Err(MonitorError::Raft(format!("server task: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The founder founds only when a majority is known to be empty and no
+    /// member reports a group; silence is not emptiness.
+    #[test]
+    fn founding_needs_a_majority_known_empty_and_no_group() {
+        let probe = |empty, group| PeerProbe { empty, group };
+        // Three members: itself and one empty peer are a majority.
+        assert!(
+            !may_found(&probe(0, false), 3),
+            "alone: the others may hold the group"
+        );
+        assert!(may_found(&probe(1, false), 3));
+        assert!(may_found(&probe(2, false), 3));
+        assert!(!may_found(&probe(1, true), 3), "a peer reports a group");
+        assert!(!may_found(&probe(2, true), 3));
+        // Five members: itself and two.
+        assert!(!may_found(&probe(1, false), 5));
+        assert!(may_found(&probe(2, false), 5));
+        // A group of one founds itself.
+        assert!(may_found(&probe(0, false), 1));
     }
 }

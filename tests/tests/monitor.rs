@@ -166,8 +166,9 @@ async fn full_restart_keeps_the_map() {
 }
 
 /// A monitor whose data directory was wiped rejoins and catches up, by
-/// snapshot since the log it would need was compacted away; the group keeps
-/// taking writes.
+/// snapshot since the log it would need was compacted away, even when the
+/// others were too slow to answer it as it started; the group keeps taking
+/// writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_monitor_rejoins_by_snapshot() {
     let mut monitors = Monitors::start(3, &["--snapshot-every", "20"]).unwrap();
@@ -185,10 +186,30 @@ async fn wiped_monitor_rejoins_by_snapshot() {
     let expected = get_map(&mon).await;
     assert_eq!(expected.volumes.len(), 80);
     monitors.daemons[victim].kill();
+    // Its log goes on in the same file: what it says from here on.
+    let before = std::fs::metadata(&monitors.daemons[victim].log)
+        .map(|m| m.len() as usize)
+        .unwrap_or(0);
     std::fs::remove_dir_all(monitors.data_dir(victim)).unwrap();
+    // The others stall (stopped) while it starts: too slow to answer its
+    // probes, as on an overloaded host. Silence must not make it found a
+    // second, empty group.
+    let others: Vec<i32> = (0..3)
+        .filter(|i| *i != victim)
+        .map(|i| monitors.daemons[i].pid().unwrap() as i32)
+        .collect();
+    for pid in &others {
+        // SAFETY: stops and later continues a child process of this test.
+        assert_eq!(unsafe { libc::kill(*pid, libc::SIGSTOP) }, 0);
+    }
     monitors.daemons[victim].restart().unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    for pid in &others {
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(*pid, libc::SIGCONT) }, 0);
+    }
     let alone = MonClient::new(&[monitors.addrs[victim].to_string()]).unwrap();
-    wait_for(
+    let caught_up = wait_for(
         "the wiped monitor to catch up",
         Duration::from_secs(30),
         || async {
@@ -200,10 +221,20 @@ async fn wiped_monitor_rejoins_by_snapshot() {
             (map == expected).then_some(())
         },
     )
-    .await
-    .unwrap();
+    .await;
+    let since_restart = || {
+        let log = std::fs::read(&monitors.daemons[victim].log).unwrap_or_default();
+        String::from_utf8_lossy(log.get(before..).unwrap_or_default()).into_owned()
+    };
+    if let Err(e) = caught_up {
+        panic!("{e}; the wiped monitor's log:\n{}", since_restart());
+    }
     create_volume(&mon, "after-rejoin").await.unwrap();
-    let log = std::fs::read_to_string(&monitors.daemons[victim].log).unwrap();
+    let log = since_restart();
+    assert!(
+        !log.contains("monitor group initialised"),
+        "the wiped monitor founded a second group:\n{log}"
+    );
     assert!(
         log.contains("installed snapshot from the leader"),
         "the wiped monitor should have caught up by snapshot (the log it needed was purged)"
