@@ -269,6 +269,15 @@ where
     }
 }
 
+/// The value of environment variable `name` parsed, or `default` when it is
+/// unset or does not parse (the knobs that run a randomized test longer).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Runs `basalt ARGS` (logging at warn) and returns its output.
 pub fn basalt(args: &[&str]) -> std::process::Output {
     basalt_logging("warn", args)
@@ -437,6 +446,24 @@ impl DevCluster {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Panics unless every daemon of the cluster is still running and no
+    /// daemon's log shows a panic (a task's, which the daemon survives).
+    pub fn assert_alive_without_panics(&self) {
+        for (kind, name, pid) in self.processes() {
+            // SAFETY: signal 0 only checks that the process exists.
+            let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
+            assert!(alive, "{kind} {name} died");
+        }
+        let logs = std::fs::read_dir(self.dir.path().join("logs"))
+            .into_iter()
+            .flatten();
+        for entry in logs.flatten() {
+            let path = entry.path();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(!text.contains("panicked"), "{}: a panic", path.display());
+        }
     }
 }
 

@@ -10,7 +10,9 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use basalt_client_nbd::protocol::*;
-use basalt_tests::{DevCluster, basalt, must_reach_nbd, must_run, must_succeed, start_gateway};
+use basalt_tests::{
+    DevCluster, basalt, env_or, must_reach_nbd, must_run, must_succeed, start_gateway,
+};
 
 /// libnbd drives every negotiation option and every command, with the
 /// error replies the protocol asks for, and the connection keeps working
@@ -366,15 +368,8 @@ fn random_requests_get_one_reply_each_and_touch_nothing_else() {
     let (kind, _) = kept.call(CMD_FLAG_FUA, CMD_WRITE, MIB, MIB, &pattern);
     assert_eq!(kind, REPLY_TYPE_NONE);
 
-    let requests: u64 = std::env::var("BASALT_FUZZ_REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
-    let seed = std::env::var("BASALT_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x4e42);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let requests: u64 = env_or("BASALT_FUZZ_REQUESTS", 3000);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(env_or("BASALT_FUZZ_SEED", 0x4e42));
     let commands = [
         CMD_READ,
         CMD_WRITE,
@@ -469,13 +464,5 @@ fn random_requests_get_one_reply_each_and_touch_nothing_else() {
         &["--size", &format!("nbd://{addr}/kept")],
     ));
     assert_eq!(size.trim(), (8 * MIB).to_string());
-    for (name, _, pid) in cluster.processes() {
-        // SAFETY: signal 0 only checks that the process exists.
-        assert_eq!(unsafe { libc::kill(pid as i32, 0) }, 0, "{name} died");
-    }
-    for log in std::fs::read_dir(cluster.dir.path().join("logs")).unwrap() {
-        let path = log.unwrap().path();
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(!text.contains("panicked"), "{}: a panic", path.display());
-    }
+    cluster.assert_alive_without_panics();
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use basalt_client::{Connection, Durability};
 use basalt_placement::{ObjectId, OsdId, Placer, PoolId, VolumeId};
-use basalt_tests::{DevCluster, open_new_volume};
+use basalt_tests::{DevCluster, env_or, open_new_volume};
 use basalt_wire::op::OpHeader;
 use basalt_wire::{Frame, Kind, Status};
 use bytes::Bytes;
@@ -30,6 +30,39 @@ fn frame(kind: Kind, epoch: u64, payload: Bytes) -> Frame {
     }
 }
 
+/// Asserts that the OSD behind `connection` answers a ping.
+async fn assert_pings(connection: &Connection, epoch: u64) {
+    let ping = connection
+        .call(
+            frame(Kind::Ping, epoch, Bytes::new()),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(Status::from_u32(ping.status), Status::Ok);
+}
+
+/// A dev cluster with a volume of `size` whose first `written` bytes hold
+/// seeded data (durable), and that data.
+async fn cluster_with_volume(
+    name: &str,
+    size: u64,
+    written: u64,
+    seed: u64,
+) -> (
+    DevCluster,
+    std::sync::Arc<basalt_client::BlockClient>,
+    basalt_client::Volume,
+    Vec<u8>,
+) {
+    let cluster = DevCluster::up("1G").unwrap();
+    let (client, volume) = open_new_volume(&cluster.mons(), name, size).await.unwrap();
+    let mut data = vec![0u8; written as usize];
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut data);
+    volume.write(0, &data, Durability::Durable).await.unwrap();
+    (cluster, client, volume, data)
+}
+
 /// Sends `request` and asserts the reply carries `want` and a message.
 async fn expect(connection: &Connection, what: &str, request: Frame, want: Status) {
     let reply = connection
@@ -47,13 +80,7 @@ async fn expect(connection: &Connection, what: &str, request: Frame, want: Statu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_clear_errors_and_the_osd_keeps_serving() {
-    let cluster = DevCluster::up("1G").unwrap();
-    let (client, volume) = open_new_volume(&cluster.mons(), "v", 16 * MIB)
-        .await
-        .unwrap();
-    let mut data = vec![0u8; 4 * MIB as usize];
-    rand_chacha::ChaCha8Rng::seed_from_u64(5).fill_bytes(&mut data);
-    volume.write(0, &data, Durability::Durable).await.unwrap();
+    let (cluster, client, volume, data) = cluster_with_volume("v", 16 * MIB, 4 * MIB, 5).await;
 
     let map = client.refresh_map().await.unwrap();
     let epoch = map.epoch.0;
@@ -213,18 +240,8 @@ async fn hostile_requests_get_clear_errors_and_the_osd_keeps_serving() {
     assert!(primary.is_alive() && replica.is_alive());
     let back = volume.read(0, 4 * MIB).await.unwrap();
     assert!(back[..] == data[..], "data changed");
-    let ping = primary
-        .call(
-            frame(Kind::Ping, epoch, Bytes::new()),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-    assert_eq!(Status::from_u32(ping.status), Status::Ok);
-    for (name, _, pid) in cluster.processes() {
-        // SAFETY: signal 0 only checks that the process exists.
-        assert_eq!(unsafe { libc::kill(pid as i32, 0) }, 0, "{name} died");
-    }
+    assert_pings(&primary, epoch).await;
+    cluster.assert_alive_without_panics();
 }
 
 /// Every request kind, with random header fields, flags, epochs and data
@@ -255,13 +272,7 @@ async fn random_requests_get_replies_and_touch_nothing_else() {
         Kind::PgRemove,
         Kind::PgNotify,
     ];
-    let cluster = DevCluster::up("1G").unwrap();
-    let (client, volume) = open_new_volume(&cluster.mons(), "kept", 8 * MIB)
-        .await
-        .unwrap();
-    let mut data = vec![0u8; 8 * MIB as usize];
-    rand_chacha::ChaCha8Rng::seed_from_u64(6).fill_bytes(&mut data);
-    volume.write(0, &data, Durability::Durable).await.unwrap();
+    let (cluster, client, volume, data) = cluster_with_volume("kept", 8 * MIB, 8 * MIB, 6).await;
     let map = client.refresh_map().await.unwrap();
     let epoch = map.epoch.0;
     let kept_pgs: Vec<_> = (0..2)
@@ -277,15 +288,8 @@ async fn random_requests_get_replies_and_touch_nothing_else() {
         );
     }
 
-    let frames: u64 = std::env::var("BASALT_FUZZ_FRAMES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    let seed = std::env::var("BASALT_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0xf022);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let frames: u64 = env_or("BASALT_FUZZ_FRAMES", 1000);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(env_or("BASALT_FUZZ_SEED", 0xf022));
     let mut statuses = std::collections::BTreeMap::new();
     for n in 0..frames {
         let kind = KINDS[rng.random_range(0..KINDS.len())];
@@ -383,24 +387,9 @@ async fn random_requests_get_replies_and_touch_nothing_else() {
 
     for (i, osd) in osds.iter().enumerate() {
         assert!(osd.is_alive(), "OSD #{i} dropped its connection");
-        let ping = osd
-            .call(
-                frame(Kind::Ping, epoch, Bytes::new()),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-        assert_eq!(Status::from_u32(ping.status), Status::Ok);
+        assert_pings(osd, epoch).await;
     }
     let back = volume.read(0, 8 * MIB).await.unwrap();
     assert!(back[..] == data[..], "the kept volume changed");
-    for (name, _, pid) in cluster.processes() {
-        // SAFETY: signal 0 only checks that the process exists.
-        assert_eq!(unsafe { libc::kill(pid as i32, 0) }, 0, "{name} died");
-    }
-    for osd in std::fs::read_dir(cluster.dir.path().join("logs")).unwrap() {
-        let path = osd.unwrap().path();
-        let log = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(!log.contains("panicked"), "{}: a panic", path.display());
-    }
+    cluster.assert_alive_without_panics();
 }
