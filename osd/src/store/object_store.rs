@@ -682,6 +682,12 @@ impl<D: BlockDevice> ObjectStore<D> {
         self.check_failed()?;
         let now = self.inner.opened.elapsed().as_millis() as u64 + 1;
         self.inner.flushed_at.store(now, Ordering::Relaxed);
+        self.sync().await
+    }
+
+    /// Makes every change acknowledged so far durable, without counting as
+    /// a client's flush (`flush` does).
+    async fn sync(&self) -> Result<(), StoreError> {
         self.commit(Vec::new(), false, Durability::Durable, Vec::new())
             .await
     }
@@ -794,8 +800,7 @@ impl<D: BlockDevice> ObjectStore<D> {
             let buf = match shared.and_then(|bytes| IoBuf::shared(bytes.slice(range.clone()))) {
                 Some(buf) => buf,
                 None => {
-                    let mut buf = self.inner.device.buffer(len);
-                    buf.copy_from_slice(&data[range]);
+                    let buf = buffer_with(&self.inner.device, &data[range]);
                     debug_assert_eq!(
                         crc32c::crc32c(&buf[..BLOCK_BYTES]),
                         crcs[data_offset / BLOCK_BYTES],
@@ -1517,8 +1522,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         // would read as corrupt while on its way. (Not `flush`: that marks
         // a client as flushing. A failed store is checked as it is.)
         if self.check_failed().is_ok() {
-            self.commit(Vec::new(), false, Durability::Durable, Vec::new())
-                .await?;
+            self.sync().await?;
         }
         self.inner.landings.wait_begun().await;
         let block_count = self.allocator().block_count();
@@ -2217,12 +2221,12 @@ async fn replay_deferred<D: BlockDevice>(
                 data.len()
             )));
         }
-        writes.push((disk_block, data.to_vec()));
+        writes.push((disk_block, buffer_with(device, data)));
         deletes.push(MetaOp::DeleteDeferred { key, disk_block });
         Ok(())
     })?;
-    for (disk_block, data) in writes {
-        write_replayed(device, disk_block, &data, "replay deferred write").await?;
+    for (disk_block, buf) in writes {
+        write_replayed(device, disk_block, buf, "replay deferred write").await?;
     }
     if !deletes.is_empty() {
         tracing::info!(
@@ -2244,15 +2248,20 @@ fn in_data_area(superblock: &Superblock, start: u64, len: usize) -> bool {
             .is_some_and(|end| end <= superblock.block_count)
 }
 
+/// A buffer of `device`'s (aligned for its I/O) holding a copy of `data`.
+fn buffer_with<D: BlockDevice>(device: &D, data: &[u8]) -> IoBuf {
+    let mut buf = device.buffer(data.len());
+    buf.copy_from_slice(data);
+    buf
+}
+
 /// Writes data open replays to disk blocks from `start` on.
 async fn write_replayed<D: BlockDevice>(
     device: &D,
     start: u64,
-    data: &[u8],
+    buf: IoBuf,
     op: &'static str,
 ) -> Result<(), StoreError> {
-    let mut buf = device.buffer(data.len());
-    buf.copy_from_slice(data);
     let (_, result) = device.write(start, buf).await;
     result.map_err(|source| StoreError::Io { op, source })
 }
@@ -2342,7 +2351,13 @@ async fn replay_journal<D: BlockDevice>(
                     data.len() / BLOCK_BYTES
                 )));
             }
-            write_replayed(device, *start, data, "replay journal data").await?;
+            write_replayed(
+                device,
+                *start,
+                buffer_with(device, data),
+                "replay journal data",
+            )
+            .await?;
         }
         if record.seq > applied {
             meta.write_marked(&record.ops, Some(record.seq), None, false)?;

@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use basalt_placement::{ClusterMap, ObjectId, OsdId, PgId, Placer, VolumeId};
+use basalt_placement::{ClusterMap, HostId, ObjectId, OsdId, PgId, Placer, PoolId, VolumeId};
 use basalt_wire::op::{OP_REPAIR, ObjectContents};
 use basalt_wire::{Frame, Kind, OpHeader, Status};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -161,12 +161,17 @@ pub(super) enum Inactive {
 fn is_pg_of(map: &ClusterMap, pg: PgId) -> bool {
     map.pools.get(&pg.pool).is_some_and(|pool| {
         pg.seed < pool.pg_count
-            && (pg.home.is_none()
-                || map
-                    .volumes
-                    .values()
-                    .any(|v| v.pool == pg.pool && v.home == pg.home))
+            && (pg.home.is_none() || volume_homes(map, pg.pool).any(|home| home == pg.home))
     })
+}
+
+/// The homes of the volumes of pool `pool` (`None` for an unhomed volume),
+/// with repeats.
+fn volume_homes(map: &ClusterMap, pool: PoolId) -> impl Iterator<Item = Option<HostId>> + '_ {
+    map.volumes
+        .values()
+        .filter(move |v| v.pool == pool)
+        .map(|v| v.home)
 }
 
 /// Returns every PG of the map: each pool's seeds, unhomed and for every
@@ -176,12 +181,7 @@ fn pgs_of(map: &ClusterMap) -> Vec<PgId> {
     for (pool_id, pool) in &map.pools {
         let mut homes: std::collections::BTreeSet<Option<basalt_placement::HostId>> =
             std::collections::BTreeSet::from([None]);
-        homes.extend(
-            map.volumes
-                .values()
-                .filter(|v| v.pool == *pool_id)
-                .map(|v| v.home),
-        );
+        homes.extend(volume_homes(map, *pool_id));
         for home in homes {
             for seed in 0..pool.pg_count {
                 pgs.push(PgId {
