@@ -69,6 +69,17 @@ async fn mem_store(device: &Arc<MemDevice>, dir: &std::path::Path) -> ObjectStor
         .unwrap()
 }
 
+/// What a reboot does to the store's metadata at `meta`: the buffered-change
+/// log (in the page cache, never synced) is not replayed.
+fn reboot(meta: &std::path::Path) {
+    if meta
+        .join(basalt_osd::store::buffered_log::LOG_FILE)
+        .exists()
+    {
+        basalt_osd::store::buffered_log::forget_boot(meta).unwrap();
+    }
+}
+
 /// Fails unless fsck finds `store` clean; then closes it.
 async fn assert_clean_and_close<D: BlockDevice>(store: ObjectStore<D>) {
     let report = store.fsck().await.unwrap();
@@ -578,6 +589,7 @@ impl MetaCopies {
             .map(|(path, _, _)| path.clone());
         let rolled_back = copy.is_some();
         let meta = copy.unwrap_or_else(|| dir.join("meta"));
+        reboot(&meta);
         let store = ObjectStore::open(device.clone(), &meta, StoreConfig::default())
             .await
             .unwrap();
@@ -985,6 +997,7 @@ async fn power_cycle_to(
     device.power_loss(keep);
     store.close().await;
     device.power_on();
+    reboot(meta);
     ObjectStore::open(device.clone(), meta, StoreConfig::default())
         .await
         .unwrap()
@@ -1080,6 +1093,7 @@ async fn power_cycle(
     device.power_loss(|_| false);
     store.close().await;
     device.power_on();
+    reboot(&dir.join("meta"));
     mem_store(device, dir).await
 }
 

@@ -16,10 +16,12 @@
 //! put and makes copy-on-write a pure metadata switch.
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options};
 use serde::{Deserialize, Serialize};
 
+use super::buffered_log::BufferedLog;
 use super::error::StoreError;
 use super::keys::{
     BLOCK_KEY_BYTES, BlockEntry, OBJECT_KEY_BYTES, ObjectInfo, ObjectKey, block_key,
@@ -46,6 +48,8 @@ const SUPERBLOCK_KEY: &[u8] = b"superblock";
 const JOURNAL_APPLIED_KEY: &[u8] = b"journal_applied";
 /// Sequence number of the first record of the journal's current lap.
 const JOURNAL_LAP_KEY: &[u8] = b"journal_lap";
+/// Sequence number of the last buffered-change log record applied.
+const BUFFERED_APPLIED_KEY: &[u8] = b"buffered_applied";
 
 /// The store layout version this code reads and writes.
 pub const STORE_FORMAT_VERSION: u32 = 1;
@@ -112,8 +116,24 @@ pub enum MetaOp {
 }
 
 /// The RocksDB database of one store.
+///
+/// Buffered changes (`write_buffered`) wait in the buffered-change log
+/// (`buffered_log`) and in memory until `apply_buffered`; every other read
+/// or write applies them first, so nothing sees RocksDB without them.
 pub struct MetaStore {
     db: DB,
+    buffered: Mutex<Buffered>,
+    /// Held while buffered changes are applied.
+    applying: Mutex<()>,
+}
+
+/// Changes logged but not in RocksDB yet.
+struct Buffered {
+    log: BufferedLog,
+    /// In log order.
+    ops: Vec<MetaOp>,
+    /// Number of the last record logged.
+    seq: u64,
 }
 
 impl MetaStore {
@@ -141,7 +161,97 @@ impl MetaStore {
             ));
         }
         let db = DB::open_cf_descriptors(&options, path, descriptors)?;
-        Ok(MetaStore { db })
+        // The buffered changes the last run logged and RocksDB does not
+        // have (a SIGKILL before they were applied) go in first.
+        let log = BufferedLog::open(path)?;
+        let applied = read_mark(&db, BUFFERED_APPLIED_KEY)?;
+        let (ops, last) = log.records(applied)?;
+        let meta = MetaStore {
+            db,
+            buffered: Mutex::new(Buffered {
+                log,
+                ops: Vec::new(),
+                seq: last,
+            }),
+            applying: Mutex::new(()),
+        };
+        if last > applied {
+            tracing::info!(
+                changes = ops.len(),
+                records = last - applied,
+                "buffered changes replayed from the log"
+            );
+            meta.write_batch(&ops, None, None, Some(last), false)?;
+        }
+        meta.lock_buffered().log.start()?;
+        Ok(meta)
+    }
+
+    fn lock_buffered(&self) -> MutexGuard<'_, Buffered> {
+        self.buffered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Logs buffered changes: applied to RocksDB by the next
+    /// `apply_buffered` or any other read or write. They survive a SIGKILL
+    /// of the daemon, not a power loss (like an unsynced RocksDB batch).
+    pub fn write_buffered(&self, ops: &[MetaOp]) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut buffered = self.lock_buffered();
+        let seq = buffered.seq + 1;
+        if !buffered.log.append(seq, ops) {
+            // The log is full: apply what it holds, which starts it over
+            // (the committer is the one writer, and it is here).
+            drop(buffered);
+            self.apply_buffered()?;
+            buffered = self.lock_buffered();
+            if !buffered.log.append(seq, ops) {
+                // Larger than the log: straight to RocksDB, behind the rest.
+                drop(buffered);
+                return self.write_batch(ops, None, None, None, false);
+            }
+        }
+        buffered.seq = seq;
+        buffered.ops.extend_from_slice(ops);
+        Ok(())
+    }
+
+    /// Whether buffered changes wait for `apply_buffered`.
+    pub fn has_buffered(&self) -> bool {
+        !self.lock_buffered().ops.is_empty()
+    }
+
+    /// Applies the buffered changes to RocksDB (one unsynced batch). May run
+    /// on another thread while more are logged: the changes are taken out
+    /// under the lock, applied under `applying` (which every reader and
+    /// writer of RocksDB waits for), and the log starts over once RocksDB
+    /// has all it holds.
+    pub fn apply_buffered(&self) -> Result<(), StoreError> {
+        let _applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        let (ops, seq) = {
+            let mut buffered = self.lock_buffered();
+            if buffered.ops.is_empty() {
+                return Ok(());
+            }
+            (std::mem::take(&mut buffered.ops), buffered.seq)
+        };
+        if let Err(e) = self.write_batch(&ops, None, None, Some(seq), false) {
+            let mut buffered = self.lock_buffered();
+            let newer = std::mem::replace(&mut buffered.ops, ops);
+            buffered.ops.extend(newer);
+            return Err(e);
+        }
+        let mut buffered = self.lock_buffered();
+        if buffered.seq == seq {
+            buffered.log.restart();
+        }
+        Ok(())
+    }
+
+    /// Applies buffered changes before a read or another write.
+    fn settle(&self) -> Result<(), StoreError> {
+        self.apply_buffered()
     }
 
     fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
@@ -152,6 +262,7 @@ impl MetaStore {
 
     /// Returns the superblock, if the store was formatted.
     pub fn superblock(&self) -> Result<Option<Superblock>, StoreError> {
+        self.settle()?;
         match self.db.get(SUPERBLOCK_KEY)? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
@@ -162,6 +273,7 @@ impl MetaStore {
 
     /// Writes the superblock durably.
     pub fn put_superblock(&self, superblock: &Superblock) -> Result<(), StoreError> {
+        self.settle()?;
         let bytes = serde_json::to_vec(superblock)
             .map_err(|e| StoreError::Corrupt(format!("superblock: {e}")))?;
         let mut options = rocksdb::WriteOptions::default();
@@ -178,6 +290,7 @@ impl MetaStore {
         first: u32,
         count: u32,
     ) -> Result<Vec<Option<BlockEntry>>, StoreError> {
+        self.settle()?;
         if count == 1 {
             // One block (a 4 KiB op): a point lookup is much cheaper than a
             // range scan.
@@ -208,6 +321,7 @@ impl MetaStore {
 
     /// Returns every block entry of an object, in block order.
     pub fn object_blocks(&self, key: &ObjectKey) -> Result<Vec<(u32, BlockEntry)>, StoreError> {
+        self.settle()?;
         let prefix = object_key(key);
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_upper_bound(prefix_end(&prefix));
@@ -227,6 +341,7 @@ impl MetaStore {
 
     /// Returns an object's info, if it exists.
     pub fn object_info(&self, key: &ObjectKey) -> Result<Option<ObjectInfo>, StoreError> {
+        self.settle()?;
         match self.db.get_cf(self.cf(CF_OBJECTS)?, object_key(key))? {
             None => Ok(None),
             Some(bytes) => ObjectInfo::decode(&bytes).map(Some),
@@ -235,6 +350,7 @@ impl MetaStore {
 
     /// Returns every object of `pg` with its info, in key order.
     pub fn list_pg(&self, pg: PgId) -> Result<Vec<(ObjectKey, ObjectInfo)>, StoreError> {
+        self.settle()?;
         let prefix = pg_prefix(pg);
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_upper_bound(prefix_end(&prefix));
@@ -256,6 +372,7 @@ impl MetaStore {
         &self,
         mut visit: impl FnMut(ObjectKey, u32, BlockEntry) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        self.settle()?;
         for item in self
             .db
             .iterator_cf(self.cf(CF_BLOCKS)?, IteratorMode::Start)
@@ -269,6 +386,7 @@ impl MetaStore {
 
     /// Returns every object of the store.
     pub fn all_objects(&self) -> Result<Vec<(ObjectKey, ObjectInfo)>, StoreError> {
+        self.settle()?;
         let mut out = Vec::new();
         for item in self
             .db
@@ -282,6 +400,7 @@ impl MetaStore {
 
     /// Returns the reference count of a shared disk block, if it is shared.
     pub fn block_ref(&self, disk_block: u64) -> Result<Option<u32>, StoreError> {
+        self.settle()?;
         match self
             .db
             .get_cf(self.cf(CF_SNAP_REFS)?, disk_block.to_be_bytes())?
@@ -296,6 +415,7 @@ impl MetaStore {
         &self,
         mut visit: impl FnMut(u64, u32) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        self.settle()?;
         for item in self
             .db
             .iterator_cf(self.cf(CF_SNAP_REFS)?, IteratorMode::Start)
@@ -317,6 +437,7 @@ impl MetaStore {
         &self,
         mut visit: impl FnMut(u64, u64, &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        self.settle()?;
         for item in self
             .db
             .iterator_cf(self.cf(CF_DEFERRED)?, IteratorMode::Start)
@@ -336,24 +457,18 @@ impl MetaStore {
     /// Writes a consistent copy of the database, as of now, to `path` (a
     /// RocksDB checkpoint: hard links and a flushed memtable).
     pub fn snapshot_to(&self, path: &Path) -> Result<(), StoreError> {
+        self.settle()?;
         rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(path)?;
         Ok(())
     }
 
     /// Returns the journal's (applied, lap) marks: 0 when never written.
     pub fn journal_marks(&self) -> Result<(u64, u64), StoreError> {
-        let read = |key: &[u8]| -> Result<u64, StoreError> {
-            match self.db.get(key)? {
-                None => Ok(0),
-                Some(bytes) => {
-                    let array: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
-                        StoreError::Corrupt(format!("journal mark of {} bytes", bytes.len()))
-                    })?;
-                    Ok(u64::from_le_bytes(array))
-                }
-            }
-        };
-        Ok((read(JOURNAL_APPLIED_KEY)?, read(JOURNAL_LAP_KEY)?))
+        self.settle()?;
+        Ok((
+            read_mark(&self.db, JOURNAL_APPLIED_KEY)?,
+            read_mark(&self.db, JOURNAL_LAP_KEY)?,
+        ))
     }
 
     /// Applies `ops` atomically; with `sync`, durably before returning.
@@ -371,7 +486,20 @@ impl MetaStore {
         lap: Option<u64>,
         sync: bool,
     ) -> Result<(), StoreError> {
-        if ops.is_empty() && applied.is_none() && lap.is_none() {
+        self.settle()?;
+        self.write_batch(ops, applied, lap, None, sync)
+    }
+
+    /// One RocksDB batch of `ops` and the marks given.
+    fn write_batch(
+        &self,
+        ops: &[MetaOp],
+        applied: Option<u64>,
+        lap: Option<u64>,
+        buffered: Option<u64>,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        if ops.is_empty() && applied.is_none() && lap.is_none() && buffered.is_none() {
             if sync {
                 self.db.flush_wal(true)?;
             }
@@ -408,10 +536,27 @@ impl MetaStore {
         if let Some(lap) = lap {
             batch.put(JOURNAL_LAP_KEY, lap.to_le_bytes());
         }
+        if let Some(buffered) = buffered {
+            batch.put(BUFFERED_APPLIED_KEY, buffered.to_le_bytes());
+        }
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(sync);
         self.db.write_opt(batch, &options)?;
         Ok(())
+    }
+}
+
+/// A sequence-number mark of the default column family: 0 when never
+/// written.
+fn read_mark(db: &DB, key: &[u8]) -> Result<u64, StoreError> {
+    match db.get(key)? {
+        None => Ok(0),
+        Some(bytes) => {
+            let array: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt(format!("metadata mark of {} bytes", bytes.len()))
+            })?;
+            Ok(u64::from_le_bytes(array))
+        }
     }
 }
 
@@ -485,4 +630,92 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     // All 0xff: no upper bound exists; use a key past any real one.
     vec![0xff; prefix.len() + 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::buffered_log;
+
+    fn put_ref(disk_block: u64, count: u32) -> MetaOp {
+        MetaOp::PutRef { disk_block, count }
+    }
+
+    #[test]
+    fn buffered_changes_are_read_before_they_are_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        meta.write_buffered(&[put_ref(7, 2)]).unwrap();
+        assert!(meta.has_buffered());
+        assert_eq!(meta.block_ref(7).unwrap(), Some(2));
+        assert!(!meta.has_buffered(), "a read applies what waits");
+    }
+
+    #[test]
+    fn a_kill_before_they_are_applied_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        meta.write_buffered(&[put_ref(7, 2)]).unwrap();
+        meta.write_buffered(&[put_ref(8, 3), put_ref(7, 4)])
+            .unwrap();
+        // Dropped unapplied, as a SIGKILL leaves it.
+        drop(meta);
+        let meta = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(meta.block_ref(7).unwrap(), Some(4));
+        assert_eq!(meta.block_ref(8).unwrap(), Some(3));
+    }
+
+    #[test]
+    fn applied_changes_are_not_replayed_over_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        meta.write_buffered(&[put_ref(7, 2)]).unwrap();
+        meta.apply_buffered().unwrap();
+        // A later change that is not buffered, then one that is.
+        meta.write(&[MetaOp::DeleteRef { disk_block: 7 }], false)
+            .unwrap();
+        meta.write_buffered(&[put_ref(9, 5)]).unwrap();
+        drop(meta);
+        let meta = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(meta.block_ref(7).unwrap(), None);
+        assert_eq!(meta.block_ref(9).unwrap(), Some(5));
+    }
+
+    #[test]
+    fn after_a_reboot_unapplied_changes_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        meta.write_buffered(&[put_ref(7, 2)]).unwrap();
+        meta.apply_buffered().unwrap();
+        meta.write_buffered(&[put_ref(8, 3)]).unwrap();
+        drop(meta);
+        buffered_log::forget_boot(dir.path()).unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(meta.block_ref(7).unwrap(), Some(2));
+        assert_eq!(meta.block_ref(8).unwrap(), None);
+        // The log works on for this boot.
+        meta.write_buffered(&[put_ref(10, 2)]).unwrap();
+        drop(meta);
+        let meta = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(meta.block_ref(10).unwrap(), Some(2));
+    }
+
+    #[test]
+    fn a_full_log_is_applied_and_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        // About 13 bytes per change: enough records to fill the log twice.
+        let per_record = 1_000;
+        let records = 2 * buffered_log::LOG_BYTES / (per_record * 13) + 1;
+        for record in 0..records as u64 {
+            let ops: Vec<MetaOp> = (0..per_record as u64)
+                .map(|i| put_ref(i, (record + 2) as u32))
+                .collect();
+            meta.write_buffered(&ops).unwrap();
+        }
+        drop(meta);
+        let meta = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(meta.block_ref(0).unwrap(), Some(records as u32 + 1));
+        assert_eq!(meta.block_ref(999).unwrap(), Some(records as u32 + 1));
+    }
 }

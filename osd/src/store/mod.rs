@@ -11,6 +11,9 @@
 //! A durable commit is one record in the metadata journal ([`journal`]) at
 //! the start of the device, written with RWF_DSYNC; small writes carry their
 //! data in it, and RocksDB is synced only at the journal's checkpoints.
+//! A buffered commit (an NBD write without FUA) logs its changes in a
+//! memory-mapped file ([`buffered_log`]) and is applied to RocksDB after the
+//! writer is answered.
 //!
 //! Rejected: overwriting blocks in place with a journal for all data (twice
 //! the data written, and snapshots would need a separate copy-on-write
@@ -20,6 +23,7 @@
 
 pub mod allocator;
 pub mod buffer;
+pub mod buffered_log;
 pub mod device;
 pub mod error;
 pub mod journal;

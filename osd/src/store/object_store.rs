@@ -436,6 +436,7 @@ impl<D: BlockDevice> ObjectStore<D> {
                 unsynced: Unsynced::default(),
                 journal,
                 checkpoints: checkpoints.clone(),
+                applying: None,
             }
             .run(rx),
         );
@@ -481,7 +482,9 @@ impl<D: BlockDevice> ObjectStore<D> {
         let _ = committer.await;
         // Deferred data writes hold the store open until they end.
         inner.landings.wait_begun().await;
-        while Arc::strong_count(&inner) > 1 {
+        // So do other holders of the store, and buffered changes being
+        // applied on a blocking thread hold the metadata open.
+        while Arc::strong_count(&inner) > 1 || Arc::strong_count(&inner.meta) > 1 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         drop(inner);
@@ -1708,6 +1711,8 @@ struct Committer<D> {
     unsynced: Unsynced,
     journal: Option<JournalState>,
     checkpoints: Arc<std::sync::atomic::AtomicU64>,
+    /// Buffered changes being put into RocksDB (`apply_buffered`).
+    applying: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl<D: BlockDevice> Committer<D> {
@@ -1738,6 +1743,10 @@ impl<D: BlockDevice> Committer<D> {
             for commit in group {
                 let _ = commit.done.send(result.clone());
             }
+            self.apply_buffered();
+        }
+        if let Some(applying) = self.applying.take() {
+            let _ = applying.await;
         }
         // Closing: nothing buffered stays unsynced, and with a journal the
         // lap ends, so the next open has nothing to replay.
@@ -1748,6 +1757,28 @@ impl<D: BlockDevice> Committer<D> {
         } else {
             self.sync_alone().await;
         }
+    }
+
+    /// Puts logged buffered changes into RocksDB on a blocking thread, off
+    /// the writers' path and beside the runtime thread: the memtable insert
+    /// and WAL write were ~11 µs of a homed 4 KiB write's ~60 µs of CPU on
+    /// the OSD's one runtime thread. One application at a time; it goes on
+    /// while more are logged.
+    fn apply_buffered(&mut self) {
+        if self.applying.as_ref().is_some_and(|a| !a.is_finished()) || !self.meta.has_buffered() {
+            return;
+        }
+        let meta = self.meta.clone();
+        let failed = self.failed.clone();
+        self.applying = Some(tokio::task::spawn_blocking(move || {
+            while meta.has_buffered() {
+                if let Err(e) = meta.apply_buffered() {
+                    tracing::error!("store commit failed, refusing further writes: {e}");
+                    failed.store(true, Ordering::Release);
+                    return;
+                }
+            }
+        }));
     }
 
     /// Syncs what earlier groups left unsynced.
@@ -1864,17 +1895,25 @@ impl<D: BlockDevice> Committer<D> {
         Ok(())
     }
 
-    /// A buffered group: one unsynced RocksDB batch. It does not wait for
-    /// the device, so it runs on the committer task.
+    /// A buffered group: its changes go to the buffered-change log (applied
+    /// to RocksDB after the writers are answered; deferred data straight
+    /// into an unsynced RocksDB batch). It does not wait for the device, so
+    /// it runs on the committer task.
     fn apply_unsynced(
         &mut self,
         ops: Vec<MetaOp>,
         free: Vec<u64>,
         needs_flush: bool,
     ) -> Result<(), String> {
-        self.meta
-            .write(&ops, false)
-            .map_err(|e| format!("metadata commit failed: {e}"))?;
+        let logged = if ops
+            .iter()
+            .any(|op| matches!(op, MetaOp::PutDeferred { .. }))
+        {
+            self.meta.write(&ops, false)
+        } else {
+            self.meta.write_buffered(&ops)
+        };
+        logged.map_err(|e| format!("metadata commit failed: {e}"))?;
         self.note_unsynced(ops, free, needs_flush);
         Ok(())
     }
@@ -1963,6 +2002,11 @@ impl<D: BlockDevice> Committer<D> {
         data_before: bool,
         durable: bool,
     ) -> Result<(), String> {
+        // Logged buffered changes go into RocksDB before the record: a
+        // replay after a kill then finds none older than a record's changes.
+        self.meta
+            .apply_buffered()
+            .map_err(|e| format!("metadata commit failed: {e}"))?;
         let mut flush_after = durable && (data_before || self.unsynced.data);
         let encode = |unsynced: &[MetaOp], inline: &[(u64, IoBuf)]| {
             let inline_blocks: usize = inline.iter().map(|(_, b)| b.len() / BLOCK_BYTES).sum();
