@@ -195,10 +195,22 @@ impl BufferedLog {
     }
 
     /// Starts the log over, for this boot: the next record goes to the
-    /// start. Every change in it must be in RocksDB.
+    /// start. Every change in it must be in RocksDB. A log of another boot
+    /// is zeroed first: its records were not replayed, and RocksDB's mark
+    /// may have gone back with the power, so the numbers of new records
+    /// could meet an old record's and read as its continuation.
     pub fn start(&mut self) -> Result<(), StoreError> {
-        let id = boot_id().unwrap_or([0; BOOT_ID_BYTES]);
+        let id = boot_id().unwrap_or_else(|| {
+            tracing::warn!(
+                "no boot id (/proc/sys/kernel/random/boot_id): buffered writes not applied \
+                 to RocksDB when the daemon dies will not be replayed"
+            );
+            [0; BOOT_ID_BYTES]
+        });
         let bytes = self.bytes_mut();
+        if &bytes[..8] != FILE_MAGIC || bytes[8..8 + BOOT_ID_BYTES] != id {
+            bytes.fill(0);
+        }
         bytes[..8].copy_from_slice(FILE_MAGIC);
         bytes[8..8 + BOOT_ID_BYTES].copy_from_slice(&id);
         self.restart();
@@ -326,6 +338,29 @@ mod tests {
         let log = BufferedLog::open(dir.path()).unwrap();
         let (ops, last) = log.records(0).unwrap();
         assert_eq!((ops.len(), last), (0, 0));
+    }
+
+    #[test]
+    fn records_of_another_boot_never_continue_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = BufferedLog::open(dir.path()).unwrap();
+        log.start().unwrap();
+        for seq in 11..=13 {
+            assert!(log.append(seq, &[put(seq as u32, 100 + seq)]));
+        }
+        drop(log);
+        // A power loss: RocksDB's mark went back to 10 and the records are
+        // not replayed; the next run logs 11 again, the same size as the
+        // old 11, so the old 12 follows it.
+        forget_boot(dir.path()).unwrap();
+        let mut log = BufferedLog::open(dir.path()).unwrap();
+        assert_eq!(log.records(10).unwrap().0.len(), 0);
+        log.start().unwrap();
+        assert!(log.append(11, &[put(11, 211)]));
+        drop(log);
+        let log = BufferedLog::open(dir.path()).unwrap();
+        let (ops, last) = log.records(10).unwrap();
+        assert_eq!((blocks(&ops), last), (vec![211], 11));
     }
 
     #[test]

@@ -134,6 +134,8 @@ struct Buffered {
     ops: Vec<MetaOp>,
     /// Number of the last record logged.
     seq: u64,
+    /// Number of the last record applied to RocksDB.
+    applied: u64,
 }
 
 impl MetaStore {
@@ -172,6 +174,7 @@ impl MetaStore {
                 log,
                 ops: Vec::new(),
                 seq: last,
+                applied: last,
             }),
             applying: Mutex::new(()),
         };
@@ -232,6 +235,11 @@ impl MetaStore {
         let (ops, seq) = {
             let mut buffered = self.lock_buffered();
             if buffered.ops.is_empty() {
+                if buffered.applied == buffered.seq {
+                    // An application that found newer records logged
+                    // behind its own did not start the log over.
+                    buffered.log.restart();
+                }
                 return Ok(());
             }
             (std::mem::take(&mut buffered.ops), buffered.seq)
@@ -243,6 +251,7 @@ impl MetaStore {
             return Err(e);
         }
         let mut buffered = self.lock_buffered();
+        buffered.applied = seq;
         if buffered.seq == seq {
             buffered.log.restart();
         }
