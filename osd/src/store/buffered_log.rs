@@ -175,10 +175,10 @@ impl BufferedLog {
         let mut at = FILE_HEADER_BYTES;
         while at + RECORD_HEADER_BYTES <= LOG_BYTES {
             let header = &bytes[at..at + RECORD_HEADER_BYTES];
-            let magic = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
-            let len = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default()) as usize;
-            let seq = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
-            let crc = u32::from_le_bytes(header[16..20].try_into().unwrap_or_default());
+            let magic = journal::le_u32(header, 0);
+            let len = journal::le_u32(header, 4) as usize;
+            let seq = journal::le_u64(header, 8);
+            let crc = journal::le_u32(header, 16);
             let end = at + RECORD_HEADER_BYTES + len;
             if magic != RECORD_MAGIC || seq != last + 1 || end > LOG_BYTES {
                 break;

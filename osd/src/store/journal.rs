@@ -241,13 +241,15 @@ fn record_crc(bytes: &[u8]) -> u32 {
     crc32c::crc32c_append(crc, &bytes[40..])
 }
 
-fn le_u32(bytes: &[u8], at: usize) -> u32 {
+/// The little-endian u32 at `at`.
+pub(super) fn le_u32(bytes: &[u8], at: usize) -> u32 {
     let mut out = [0u8; 4];
     out.copy_from_slice(&bytes[at..at + 4]);
     u32::from_le_bytes(out)
 }
 
-fn le_u64(bytes: &[u8], at: usize) -> u64 {
+/// The little-endian u64 at `at`.
+pub(super) fn le_u64(bytes: &[u8], at: usize) -> u64 {
     let mut out = [0u8; 8];
     out.copy_from_slice(&bytes[at..at + 8]);
     u64::from_le_bytes(out)

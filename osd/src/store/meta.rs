@@ -134,8 +134,6 @@ struct Buffered {
     ops: Vec<MetaOp>,
     /// Number of the last record logged.
     seq: u64,
-    /// Number of the last record applied to RocksDB.
-    applied: u64,
 }
 
 impl MetaStore {
@@ -174,7 +172,6 @@ impl MetaStore {
                 log,
                 ops: Vec::new(),
                 seq: last,
-                applied: last,
             }),
             applying: Mutex::new(()),
         };
@@ -229,17 +226,14 @@ impl MetaStore {
     /// on another thread while more are logged: the changes are taken out
     /// under the lock, applied under `applying` (which every reader and
     /// writer of RocksDB waits for), and the log starts over once RocksDB
-    /// has all it holds.
+    /// has all it holds. So no change waits exactly when no application is
+    /// running and the log was started over: an application that finds
+    /// newer records behind its own leaves them waiting for the next one.
     pub fn apply_buffered(&self) -> Result<(), StoreError> {
         let _applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
         let (ops, seq) = {
             let mut buffered = self.lock_buffered();
             if buffered.ops.is_empty() {
-                if buffered.applied == buffered.seq {
-                    // An application that found newer records logged
-                    // behind its own did not start the log over.
-                    buffered.log.restart();
-                }
                 return Ok(());
             }
             (std::mem::take(&mut buffered.ops), buffered.seq)
@@ -251,7 +245,6 @@ impl MetaStore {
             return Err(e);
         }
         let mut buffered = self.lock_buffered();
-        buffered.applied = seq;
         if buffered.seq == seq {
             buffered.log.restart();
         }

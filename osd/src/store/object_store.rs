@@ -1919,10 +1919,7 @@ impl<D: BlockDevice> Committer<D> {
         free: Vec<u64>,
         needs_flush: bool,
     ) -> Result<(), String> {
-        let logged = if ops
-            .iter()
-            .any(|op| matches!(op, MetaOp::PutDeferred { .. }))
-        {
+        let logged = if holds_deferred(&ops) {
             self.meta.write(&ops, false)
         } else {
             self.meta.write_buffered(&ops)
@@ -1970,9 +1967,7 @@ impl<D: BlockDevice> Committer<D> {
     /// another change can own it, and a restart never writes a stale copy
     /// over a newer owner's data.
     async fn settle_deferred(&mut self, ops: &mut Vec<MetaOp>) {
-        let own = ops
-            .iter()
-            .any(|op| matches!(op, MetaOp::PutDeferred { .. }));
+        let own = holds_deferred(ops);
         if !own && self.unsynced.deferred.is_empty() {
             return;
         }
@@ -2171,6 +2166,12 @@ impl<D: BlockDevice> Committer<D> {
         }
         Ok(())
     }
+}
+
+/// Whether `ops` carry a deferred write's data.
+fn holds_deferred(ops: &[MetaOp]) -> bool {
+    ops.iter()
+        .any(|op| matches!(op, MetaOp::PutDeferred { .. }))
 }
 
 /// Waits for a deferred write's data write to end (if there is one), then
