@@ -1789,7 +1789,15 @@ impl<D: BlockDevice> Committer<D> {
             }
         };
         self.applying = Some(if alone {
-            tokio::spawn(async move { apply() })
+            tokio::spawn(async move {
+                // Spawned tasks run in turn, and the reply still has tasks
+                // to pass through (the op's service task, the gateway's
+                // request task, its socket writer): a yield puts this one
+                // behind all of them (tokio runs yielded tasks once the
+                // queue is empty).
+                tokio::task::yield_now().await;
+                apply()
+            })
         } else {
             tokio::task::spawn_blocking(apply)
         });
