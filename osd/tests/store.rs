@@ -101,6 +101,17 @@ async fn round_trip_on_io_uring() {
     assert!(all[..8 * B as usize].iter().all(|b| *b == 0));
     assert_eq!(&all[8 * B as usize..8 * B as usize + data.len()], &data[..]);
     assert!(all[8 * B as usize + data.len()..].iter().all(|b| *b == 0));
+    // Exactly the data written in one piece (one run on disk: its I/O
+    // buffer is handed out), and that run with a hole after it.
+    let exact = store.read(&a, 8 * B, data.len() as u64).await.unwrap();
+    assert_eq!(&exact[..], &data[..]);
+    let tail = store
+        .read(&a, 8 * B, data.len() as u64 + 4 * B)
+        .await
+        .unwrap();
+    assert_eq!(tail.len(), data.len() + 4 * B as usize);
+    assert_eq!(&tail[..data.len()], &data[..]);
+    assert!(tail[data.len()..].iter().all(|b| *b == 0));
     // A partial overwrite in the middle.
     let patch = pattern(2, 3 * BLOCK_BYTES);
     store.write(&a, 10 * B, &patch, 2).await.unwrap();
