@@ -76,6 +76,18 @@ async fn crash_child() {
     ));
     let started = Instant::now();
     let mut tasks = Vec::new();
+    if !round.is_multiple_of(2) {
+        // A client that flushes now and then: small buffered writes then
+        // go out as journal records written without a flush, whose changes
+        // are logged and applied after the reply.
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            while started.elapsed() < Duration::from_secs(60) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                store.flush().await.unwrap();
+            }
+        }));
+    }
     for writer in 0..WRITERS {
         let (store, log) = (store.clone(), log.clone());
         tasks.push(tokio::spawn(async move {
@@ -89,7 +101,12 @@ async fn crash_child() {
                 // without FUA): deferred, acknowledged before its data
                 // lands, and it must survive the kill all the same.
                 let buffered = n % 4 == 3;
-                let count = if buffered {
+                let count = if buffered && n % 8 == 7 {
+                    // A larger buffered write: not in a journal record
+                    // while the client flushes; its change waits in the
+                    // buffered-change log, behind small writes' records.
+                    rng.random_range(9..=64u64)
+                } else if buffered {
                     rng.random_range(1..=8u64)
                 } else {
                     rng.random_range(1..=256u64)
