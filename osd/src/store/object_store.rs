@@ -1173,6 +1173,10 @@ impl<D: BlockDevice> ObjectStore<D> {
                 op: "read data",
                 source,
             })?;
+            if !whole {
+                // The hole before this run (if any) reads as zeros.
+                out.resize(*slot as usize * BLOCK_BYTES, 0);
+            }
             for i in 0..*run_len as usize {
                 let block = &buf[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
                 let slot_index = *slot as usize + i;
@@ -1188,7 +1192,6 @@ impl<D: BlockDevice> ObjectStore<D> {
                     });
                 }
                 if !whole {
-                    out.resize(slot_index * BLOCK_BYTES, 0);
                     out.extend_from_slice(block);
                 }
             }
