@@ -87,6 +87,83 @@ async fn assert_clean_and_close<D: BlockDevice>(store: ObjectStore<D>) {
     store.close().await;
 }
 
+/// Placement after random overwrites: a writer going through an object in
+/// 4 KiB writes, between another object's random 4 KiB overwrites, lays it
+/// out in one run on disk (a large read of it is one I/O), while the
+/// overwrites fill the single holes earlier overwrites left, so a large
+/// hole stays whole for a 1 MiB write. Plain next-fit interleaves the
+/// first two and feeds the holes under the cursor to the 4 KiB writes.
+#[tokio::test]
+async fn placement_keeps_runs_and_large_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = uring_store(dir.path(), 64 << 20).await;
+    let (a, b, c) = (key(3, 0), key(3, 1), key(3, 2));
+    // b written whole, then every 4th block of it overwritten: once a
+    // flush releases the old blocks, the disk has single holes.
+    let whole = pattern(50, 256 * BLOCK_BYTES);
+    store.write(&b, 0, &whole, 1).await.unwrap();
+    let mut version = 1;
+    for i in 0..64u64 {
+        version += 1;
+        let data = pattern(60 + i, BLOCK_BYTES);
+        store
+            .write(&b, (i * 4 + 1) * B, &data, version)
+            .await
+            .unwrap();
+    }
+    store.flush().await.unwrap();
+    let b_before = store.block_placement(&b).await.unwrap();
+    for i in 0..32u64 {
+        let data = pattern(i, BLOCK_BYTES);
+        store.write(&a, i * B, &data, i + 1).await.unwrap();
+        version += 1;
+        let other = pattern(100 + i, BLOCK_BYTES);
+        store
+            .write(&b, (i * 4 + 2) * B, &other, version)
+            .await
+            .unwrap();
+    }
+    let placement = store.block_placement(&a).await.unwrap();
+    assert_eq!(placement.len(), 32);
+    for pair in placement.windows(2) {
+        assert_eq!(pair[1].1, pair[0].1 + 1, "not one run: {placement:?}");
+    }
+    // b's overwrites went into the holes earlier overwrites left, in b's
+    // part of the disk, not next to a's run.
+    let a_start = placement[0].1;
+    for ((index, disk), (_, before)) in store
+        .block_placement(&b)
+        .await
+        .unwrap()
+        .into_iter()
+        .zip(b_before)
+        .filter(|((index, _), _)| index % 4 == 2 && *index < 128)
+    {
+        assert_ne!(disk, before, "block {index} not overwritten");
+        assert!(
+            disk < a_start,
+            "block {index} at {disk}, past a's run at {a_start}"
+        );
+    }
+    // A 1 MiB write after all this is still one run.
+    let big = pattern(200, 256 * BLOCK_BYTES);
+    store.write(&c, 0, &big, 1).await.unwrap();
+    let runs = store
+        .block_placement(&c)
+        .await
+        .unwrap()
+        .windows(2)
+        .filter(|pair| pair[1].1 != pair[0].1 + 1)
+        .count();
+    assert_eq!(runs, 0, "the 1 MiB write was split");
+    let all = store.read(&a, 0, 32 * B).await.unwrap();
+    for i in 0..32u64 {
+        let at = (i * B) as usize;
+        assert_eq!(&all[at..at + BLOCK_BYTES], &pattern(i, BLOCK_BYTES)[..]);
+    }
+    assert_clean_and_close(store).await;
+}
+
 /// Writes, overwrites, holes, discard, write-zeroes, delete, stat and PG
 /// listing behave as specified on a real file, and survive a reopen.
 #[tokio::test]

@@ -11,6 +11,14 @@
 //! overwrites the blocks they freed lie one by one all over the disk, and
 //! plain next-fit laid a 1 MiB write over up to 256 of them, one I/O each,
 //! to write and to read back. Single-block holes are left to small writes.
+//!
+//! And a small allocation first looks only at holes *shorter* than
+//! `LARGE_HOLE_BLOCKS` that it fits in whole. Next-fit alone let 4 KiB
+//! writes eat the large holes from their start while the blocks those
+//! writes freed piled up as single holes, so after a while of random
+//! overwrites no large hole was left and 1 MiB writes were split again.
+//! Filling the holes that random overwrites free at the rate they free
+//! them keeps the large ones whole.
 
 /// A run of consecutive disk blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,8 +33,15 @@ const LARGE_ALLOC_BLOCKS: u64 = 16;
 const LARGE_HOLE_BLOCKS: u64 = 64;
 /// Blocks the first pass looks through at most (1 GiB of disk).
 const LARGE_HOLE_SCAN_MAX: u64 = 1 << 18;
+/// Blocks a small allocation's first pass looks through at most (256 MiB
+/// of disk).
+const SMALL_HOLE_SCAN_MAX: u64 = 1 << 16;
 /// After a first pass fell short, blocks to free before the next one.
 const LARGE_HOLE_RETRY_AFTER_FREES: u64 = 1024;
+/// The same for small allocations: their pass skips used words and large
+/// holes a word at a time (~1,000 steps over `SMALL_HOLE_SCAN_MAX`), and
+/// the holes it looks for come back one free at a time.
+const SMALL_HOLE_RETRY_AFTER_FREES: u64 = 64;
 
 /// A bitmap allocator over `block_count` blocks.
 ///
@@ -46,6 +61,8 @@ pub struct Allocator {
     /// first pass last fell short (`None`: it did not).
     frees: u64,
     short_at: Option<u64>,
+    /// The same for a small allocation's first pass.
+    small_short_at: Option<u64>,
 }
 
 impl Allocator {
@@ -68,6 +85,7 @@ impl Allocator {
             held: Vec::new(),
             frees: 0,
             short_at: None,
+            small_short_at: None,
         }
     }
 
@@ -148,41 +166,90 @@ impl Allocator {
     }
 
     /// Allocates `count` blocks as runs of at most `max_run` blocks, or
-    /// nothing if fewer than `count` are free.
+    /// nothing if fewer than `count` are free. A small allocation fills a
+    /// small hole first.
     pub fn allocate(&mut self, count: u64, max_run: u32) -> Option<Vec<Run>> {
+        self.allocate_placed(count, max_run, true)
+    }
+
+    /// `allocate`, from a large hole first even when small: for the first
+    /// write of a run a writer will extend (`allocate_at`).
+    pub fn allocate_run(&mut self, count: u64, max_run: u32) -> Option<Vec<Run>> {
+        self.allocate_placed(count, max_run, false)
+    }
+
+    fn allocate_placed(&mut self, count: u64, max_run: u32, fill: bool) -> Option<Vec<Run>> {
         if count > self.free_count || count == 0 {
             return (count == 0).then(Vec::new);
         }
         let mut runs: Vec<Run> = Vec::new();
         let mut remaining = count;
-        let retry = self
-            .short_at
-            .is_none_or(|at| self.frees - at >= LARGE_HOLE_RETRY_AFTER_FREES);
-        if count >= LARGE_ALLOC_BLOCKS && retry {
-            let min_hole = count.min(LARGE_HOLE_BLOCKS);
-            remaining = self.take_holes(&mut runs, remaining, min_hole, max_run);
-            // Too few large holes: the next large allocations take what
-            // there is, without scanning again, until enough was freed.
-            self.short_at = (remaining > 0).then_some(self.frees);
+        let retry_after =
+            |short_at: Option<u64>, frees: u64| short_at.is_none_or(|at| self.frees - at >= frees);
+        let large = count >= LARGE_ALLOC_BLOCKS;
+        if large || !fill {
+            if retry_after(self.short_at, LARGE_HOLE_RETRY_AFTER_FREES) {
+                let min_hole = if large {
+                    count.min(LARGE_HOLE_BLOCKS)
+                } else {
+                    LARGE_HOLE_BLOCKS
+                };
+                remaining = self.take_holes(&mut runs, remaining, min_hole, u64::MAX, max_run);
+                // Too few large holes: the next large allocations take what
+                // there is, without scanning again, until enough was freed.
+                self.short_at = (remaining > 0).then_some(self.frees);
+            }
+        } else if retry_after(self.small_short_at, SMALL_HOLE_RETRY_AFTER_FREES) {
+            // One hole it fits in whole, shorter than a large one.
+            remaining = self.take_holes(&mut runs, remaining, count, LARGE_HOLE_BLOCKS, max_run);
+            self.small_short_at = (remaining > 0).then_some(self.frees);
         }
-        remaining = self.take_holes(&mut runs, remaining, 1, max_run);
+        remaining = self.take_holes(&mut runs, remaining, 1, u64::MAX, max_run);
         assert_eq!(remaining, 0, "free_count said {count} blocks were free");
         self.free_count -= count;
         Some(runs)
     }
 
+    /// Allocates the `count` blocks from `start` on (as runs of at most
+    /// `max_run` blocks) if every one of them is free; nothing otherwise.
+    /// For a write that continues an object's previous block on disk.
+    pub fn allocate_at(&mut self, start: u64, count: u64, max_run: u32) -> Option<Vec<Run>> {
+        let end = start.checked_add(count)?;
+        if count == 0 || end > self.block_count || (start..end).any(|b| self.is_used(b)) {
+            return None;
+        }
+        let mut runs = Vec::new();
+        let mut block = start;
+        while block < end {
+            let len = (end - block).min(u64::from(max_run.max(1)));
+            runs.push(Run {
+                start: block,
+                len: len as u32,
+            });
+            block += len;
+        }
+        for block in start..end {
+            self.words[(block / 64) as usize] |= 1 << (block % 64);
+        }
+        self.free_count -= count;
+        Some(runs)
+    }
+
     /// Takes up to `remaining` free blocks, next-fit from the cursor, from
-    /// holes of at least `min_hole` blocks, into `runs`; returns how many
-    /// are still missing. One sweep of the disk at most (a bounded part of
-    /// it when looking for large holes).
+    /// holes of at least `min_hole` and fewer than `max_hole` blocks, into
+    /// `runs`; returns how many are still missing. One sweep of the disk at
+    /// most (a bounded part of it when choosing holes by size).
     fn take_holes(
         &mut self,
         runs: &mut Vec<Run>,
         mut remaining: u64,
         min_hole: u64,
+        max_hole: u64,
         max_run: u32,
     ) -> u64 {
-        let limit = if min_hole > 1 {
+        let limit = if max_hole < u64::MAX {
+            self.block_count.min(SMALL_HOLE_SCAN_MAX)
+        } else if min_hole > 1 {
             self.block_count.min(LARGE_HOLE_SCAN_MAX)
         } else {
             self.block_count
@@ -205,13 +272,22 @@ impl Allocator {
                 scanned += 1;
                 continue;
             }
-            if min_hole > 1 {
-                // Measure the hole (up to `min_hole`, not past the end).
+            if min_hole > 1 || max_hole < u64::MAX {
+                // Measure the hole (up to what decides, not past the end).
+                let enough = if max_hole < u64::MAX {
+                    max_hole
+                } else {
+                    min_hole
+                };
                 let mut len = 1;
-                while len < min_hole && !self.is_used(block + len) {
+                while len < enough && !self.is_used(block + len) {
                     len += 1;
                 }
-                if len < min_hole {
+                if len >= max_hole {
+                    // Too large: skip to its end (whole free words at once).
+                    len = self.hole_len(block);
+                }
+                if len < min_hole || len >= max_hole {
                     block += len;
                     scanned += len;
                     continue;
@@ -236,6 +312,20 @@ impl Allocator {
         }
         self.cursor = block;
         remaining
+    }
+
+    /// Length of the hole starting at free block `start` (to the next used
+    /// block or the end of the disk).
+    fn hole_len(&self, start: u64) -> u64 {
+        let mut block = start;
+        while !self.is_used(block) {
+            if block.is_multiple_of(64) && self.words[(block / 64) as usize] == 0 {
+                block += 64;
+            } else {
+                block += 1;
+            }
+        }
+        block - start
     }
 
     /// Frees one block; freeing a free or shared block is a bug.
@@ -320,6 +410,88 @@ mod tests {
         assert_eq!(medium.iter().map(|r| r.len as u64).sum::<u64>(), 64);
         assert!(medium.iter().all(|r| r.len == 1 && r.start < 2048));
         assert_eq!(a.free_count(), 256 + 300 - 256 - 1 - 64);
+    }
+
+    /// Small allocations fill the holes random overwrites leave (whole,
+    /// when they fit) instead of the start of a large hole next to the
+    /// cursor, so the large hole is still whole for a large write after
+    /// them; with no small hole left they take from the large one.
+    #[test]
+    fn small_allocations_leave_large_holes_whole() {
+        let mut a = Allocator::new(4096);
+        let _all = a.allocate(4096, 4096).unwrap();
+        // A large hole right at the cursor, single holes after it, and one
+        // hole of 5 blocks.
+        for block in 1000..1400 {
+            a.free(block);
+        }
+        for block in (2000..2400).step_by(8) {
+            a.free(block);
+        }
+        for block in 3000..3005 {
+            a.free(block);
+        }
+        a.cursor = 1000;
+        for _ in 0..50 {
+            let small = a.allocate(1, 256).unwrap();
+            assert_eq!(small.len(), 1);
+            assert!(
+                (2000..2400).contains(&small[0].start),
+                "took {small:?}, not a single hole"
+            );
+        }
+        let four = a.allocate(4, 256).unwrap();
+        assert_eq!(
+            four,
+            vec![Run {
+                start: 3000,
+                len: 4
+            }],
+            "one hole it fits in"
+        );
+        // The single holes are used up and the 5-block hole's last block
+        // is too small for 2: next-fit takes it and the large hole's first.
+        let two = a.allocate(2, 256).unwrap();
+        assert_eq!(
+            two,
+            vec![
+                Run {
+                    start: 3004,
+                    len: 1
+                },
+                Run {
+                    start: 1000,
+                    len: 1
+                }
+            ]
+        );
+        let large = a.allocate(256, 256).unwrap();
+        assert_eq!(large.len(), 1, "the large hole is still one run: {large:?}");
+    }
+
+    /// A write placed after its object's previous block gets exactly the
+    /// blocks that follow, when they are all free.
+    #[test]
+    fn allocate_at_takes_the_blocks_asked_for_or_none() {
+        let mut a = Allocator::new(200);
+        assert_eq!(
+            a.allocate(10, 256).unwrap(),
+            vec![Run { start: 0, len: 10 }]
+        );
+        assert_eq!(
+            a.allocate_at(50, 5, 2).unwrap(),
+            vec![
+                Run { start: 50, len: 2 },
+                Run { start: 52, len: 2 },
+                Run { start: 54, len: 1 }
+            ]
+        );
+        assert_eq!(a.free_count(), 185);
+        assert!(a.allocate_at(53, 2, 256).is_none(), "53 is taken");
+        assert!(a.allocate_at(198, 3, 256).is_none(), "past the end");
+        assert!(a.allocate_at(u64::MAX, 3, 256).is_none());
+        assert_eq!(a.free_count(), 185, "a refused allocation takes nothing");
+        assert_eq!(a.allocate(1, 256).unwrap(), vec![Run { start: 10, len: 1 }]);
     }
 
     #[test]

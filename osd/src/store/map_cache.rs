@@ -35,6 +35,10 @@ const SHARDS: usize = 16;
 pub struct BlockMap {
     pub version: Option<u64>,
     pub blocks: Vec<Option<BlockEntry>>,
+    /// The block after the last write's (`None`: none since the map was
+    /// loaded): a write that starts there goes on writing the object in
+    /// order, and is placed right after it on disk when it can be.
+    pub next: Option<u32>,
 }
 
 /// One shard: cached maps, and objects missed once (a map is loaded on
@@ -72,6 +76,19 @@ impl MapCache {
         let map = shard.maps.get(key)?;
         let (first, count) = (first as usize, count as usize);
         map.blocks.get(first..first + count).map(<[_]>::to_vec)
+    }
+
+    /// The disk block of the block before `first`, when a write starting at
+    /// `first` continues the object's last write (a writer going through
+    /// it in order) and that block is cached.
+    pub fn stream_after(&self, key: &ObjectKey, first: u32) -> Option<u64> {
+        let shard = self.shard(key);
+        let map = shard.maps.get(key)?;
+        if map.next != Some(first) {
+            return None;
+        }
+        let previous = map.blocks.get(first.checked_sub(1)? as usize)?;
+        previous.map(|entry| entry.disk_block)
     }
 
     /// The version of a cached object (`Some(None)`: cached, no record).
@@ -137,6 +154,7 @@ impl MapCache {
             *slot = Some(*entry);
         }
         map.version = Some(version);
+        map.next = u32::try_from(first + entries.len()).ok();
         self.insert(key, map);
     }
 

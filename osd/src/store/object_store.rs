@@ -143,6 +143,21 @@ impl Default for StoreConfig {
     }
 }
 
+/// Where a write's new blocks go on disk. Random small overwrites free
+/// single blocks all over the disk; filling those (`Fill`) keeps the large
+/// holes whole for large writes. A writer going through an object in order
+/// gets its writes one after the other on disk instead (`NewRun` from a
+/// large hole at the object's start, then `After` its previous block while
+/// the blocks there are free), so a large read of what it wrote is one I/O
+/// even while random writes go on beside it.
+#[derive(Clone, Copy, Debug)]
+enum Placement {
+    Fill,
+    NewRun,
+    /// Right after this disk block (the object's block before the write's).
+    After(u64),
+}
+
 /// What `stat` reports about an object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectStat {
@@ -578,6 +593,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         let mut map = BlockMap {
             version: self.inner.meta.object_info(key)?.map(|info| info.version),
             blocks: vec![None; blocks],
+            next: None,
         };
         for (index, entry) in self.inner.meta.object_blocks(key)? {
             // Blocks past today's largest object (a smaller
@@ -776,7 +792,14 @@ impl<D: BlockDevice> ObjectStore<D> {
             .await;
         let first = (offset / BLOCK_BYTES as u64) as u32;
         let count = (data.len() / BLOCK_BYTES) as u32;
-        let runs = self.allocate_or_flush(count as u64).await?;
+        // A write at an object's start, or one that continues its last
+        // write (its map cached), goes where a run can grow (`allocate`).
+        let placement = match self.inner.maps.stream_after(key, first) {
+            Some(previous) => Placement::After(previous),
+            None if first == 0 => Placement::NewRun,
+            None => Placement::Fill,
+        };
+        let runs = self.allocate_or_flush(count as u64, placement).await?;
 
         let crcs: std::borrow::Cow<'_, [u32]> = match crcs {
             Some(crcs) if crcs.len() == count as usize => {
@@ -1087,23 +1110,34 @@ impl<D: BlockDevice> ObjectStore<D> {
         Ok(())
     }
 
-    fn allocate(&self, count: u64) -> Result<Vec<Run>, StoreError> {
+    /// Allocates `count` blocks where `placement` says (`Placement`).
+    fn allocate(&self, count: u64, placement: Placement) -> Result<Vec<Run>, StoreError> {
         let mut allocator = self.allocator();
-        allocator
-            .allocate(count, MAX_RUN_BLOCKS)
-            .ok_or(StoreError::NoSpace {
-                needed: count,
-                free: allocator.free_count(),
-            })
+        let runs = match placement {
+            Placement::Fill => allocator.allocate(count, MAX_RUN_BLOCKS),
+            Placement::NewRun => allocator.allocate_run(count, MAX_RUN_BLOCKS),
+            Placement::After(previous) => previous
+                .checked_add(1)
+                .and_then(|start| allocator.allocate_at(start, count, MAX_RUN_BLOCKS))
+                .or_else(|| allocator.allocate_run(count, MAX_RUN_BLOCKS)),
+        };
+        runs.ok_or(StoreError::NoSpace {
+            needed: count,
+            free: allocator.free_count(),
+        })
     }
 
     /// `allocate`; when the disk looks full, syncs first (blocks given up by
     /// buffered changes come free then) and tries once more.
-    async fn allocate_or_flush(&self, count: u64) -> Result<Vec<Run>, StoreError> {
-        match self.allocate(count) {
+    async fn allocate_or_flush(
+        &self,
+        count: u64,
+        placement: Placement,
+    ) -> Result<Vec<Run>, StoreError> {
+        match self.allocate(count, placement) {
             Err(StoreError::NoSpace { .. }) => {
                 self.flush_and_release().await?;
-                self.allocate(count)
+                self.allocate(count, placement)
             }
             other => other,
         }
@@ -1484,6 +1518,19 @@ impl<D: BlockDevice> ObjectStore<D> {
             version: info.version,
             allocated_blocks,
         }))
+    }
+
+    /// Returns where an object's allocated blocks lie: (block index, disk
+    /// block), in index order. For tools and tests of the layout.
+    pub async fn block_placement(&self, key: &ObjectKey) -> Result<Vec<(u32, u64)>, StoreError> {
+        let _guard = self.lock(key).read().await;
+        Ok(self
+            .inner
+            .meta
+            .object_blocks(key)?
+            .into_iter()
+            .map(|(index, entry)| (index, entry.disk_block))
+            .collect())
     }
 
     /// Returns the allocated 4 KiB blocks of an object (block indexes), for
