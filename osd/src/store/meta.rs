@@ -136,6 +136,9 @@ struct Buffered {
     seq: u64,
 }
 
+/// RocksDB info logs (`LOG`, `LOG.old.*`) kept in the metadata directory.
+const INFO_LOGS_KEPT: usize = 8;
+
 impl MetaStore {
     /// Opens (creating if missing) the metadata database at `path`.
     pub fn open(path: &Path) -> Result<MetaStore, StoreError> {
@@ -153,6 +156,9 @@ impl MetaStore {
         // One writer (the committer): memtable inserts need no concurrency,
         // and the insert hints (`column_family_options`) work only without.
         options.set_allow_concurrent_memtable_write(false);
+        // RocksDB starts a new info log at every open and kept up to 1,000
+        // old ones (`LOG.old.*`, ~120 KB each on a busy OSD).
+        options.set_keep_log_file_num(INFO_LOGS_KEPT);
         let mut descriptors = Vec::with_capacity(COLUMN_FAMILIES.len());
         for name in COLUMN_FAMILIES {
             descriptors.push(ColumnFamilyDescriptor::new(
@@ -665,6 +671,24 @@ mod tests {
         let meta = MetaStore::open(dir.path()).unwrap();
         assert_eq!(meta.block_ref(7).unwrap(), Some(4));
         assert_eq!(meta.block_ref(8).unwrap(), Some(3));
+    }
+
+    /// Restarts do not pile up RocksDB info logs.
+    #[test]
+    fn old_info_logs_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..INFO_LOGS_KEPT + 6 {
+            drop(MetaStore::open(dir.path()).unwrap());
+        }
+        let logs = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|entry| {
+                let entry = entry.as_ref().unwrap();
+                entry.file_name().to_string_lossy().starts_with("LOG")
+            })
+            .count();
+        assert!(logs > 1, "no old info log kept");
+        assert!(logs <= INFO_LOGS_KEPT + 1, "{logs} info logs kept");
     }
 
     #[test]

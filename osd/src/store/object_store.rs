@@ -1536,14 +1536,8 @@ impl<D: BlockDevice> ObjectStore<D> {
     /// Returns the allocated 4 KiB blocks of an object (block indexes), for
     /// block-status queries.
     pub async fn allocated_blocks(&self, key: &ObjectKey) -> Result<Vec<u32>, StoreError> {
-        let _guard = self.lock(key).read().await;
-        Ok(self
-            .inner
-            .meta
-            .object_blocks(key)?
-            .into_iter()
-            .map(|(index, _)| index)
-            .collect())
+        let placement = self.block_placement(key).await?;
+        Ok(placement.into_iter().map(|(index, _)| index).collect())
     }
 
     /// Returns every object of `pg` with its version.
