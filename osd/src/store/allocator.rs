@@ -219,20 +219,27 @@ impl Allocator {
             return None;
         }
         let mut runs = Vec::new();
-        let mut block = start;
-        while block < end {
-            let len = (end - block).min(u64::from(max_run.max(1)));
-            runs.push(Run {
-                start: block,
-                len: len as u32,
-            });
-            block += len;
-        }
         for block in start..end {
-            self.words[(block / 64) as usize] |= 1 << (block % 64);
+            self.take(&mut runs, block, max_run);
         }
         self.free_count -= count;
         Some(runs)
+    }
+
+    /// Marks free `block` used and adds it to `runs` (to the last run when
+    /// it follows it and that run is shorter than `max_run`). The caller
+    /// counts it off `free_count`.
+    fn take(&mut self, runs: &mut Vec<Run>, block: u64, max_run: u32) {
+        self.words[(block / 64) as usize] |= 1 << (block % 64);
+        match runs.last_mut() {
+            Some(run) if run.start + run.len as u64 == block && run.len < max_run => {
+                run.len += 1;
+            }
+            _ => runs.push(Run {
+                start: block,
+                len: 1,
+            }),
+        }
     }
 
     /// Takes up to `remaining` free blocks, next-fit from the cursor, from
@@ -295,16 +302,7 @@ impl Allocator {
             }
             // Take the hole from here, as far as it goes and is needed.
             while remaining > 0 && !self.is_used(block) {
-                self.words[(block / 64) as usize] |= 1 << (block % 64);
-                match runs.last_mut() {
-                    Some(run) if run.start + run.len as u64 == block && run.len < max_run => {
-                        run.len += 1;
-                    }
-                    _ => runs.push(Run {
-                        start: block,
-                        len: 1,
-                    }),
-                }
+                self.take(runs, block, max_run);
                 remaining -= 1;
                 block += 1;
                 scanned += 1;
