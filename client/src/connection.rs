@@ -182,9 +182,9 @@ where
 /// An OSD in the caller's own process, answering request frames directly.
 pub trait LocalOsd: Send + Sync + 'static {
     /// Answers one request frame; `None` when the OSD is shutting down.
-    /// The returned future must run the request to completion even if the
-    /// caller stops waiting (as a request sent over TCP would): implementors
-    /// spawn it.
+    /// The returned future must run a request that changes anything to
+    /// completion even if the caller stops waiting (as a request sent over
+    /// TCP would): implementors spawn it. Reads may run in the caller.
     fn call(&self, frame: Frame) -> BoxFuture<'static, Option<Frame>>;
 }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 use basalt_monitor::MonClient;
 use basalt_placement::{ClusterMap, OsdId};
 use basalt_proto::monitor as pb;
-use basalt_wire::{Frame, FrameCodec};
+use basalt_wire::{Frame, FrameCodec, Kind};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -100,6 +100,14 @@ impl basalt_client::LocalOsd for LocalService {
         };
         Box::pin(async move {
             let service = service?;
+            // A read changes nothing, so a caller may drop it half-way (its
+            // I/O buffer stays with the ring until the kernel is done; a
+            // read repair cut short leaves the bad copy for the next read
+            // to repair): run in the caller's task, without a spawn and a
+            // wake-up more.
+            if frame.kind == Kind::Read {
+                return Some(service.handle(frame).await);
+            }
             // Spawned, as a request read from a socket is: a caller that
             // stops waiting (timeout, closed NBD connection) must not cut a
             // replicated write in half.
