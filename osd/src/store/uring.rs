@@ -26,6 +26,8 @@
 //! us without, 6.8-21.5 us with 60 or 200 us of polling; QD1 durable write
 //! 0.63-0.71x raw either way. The wake-up it saves is a few microseconds
 //! here, not worth CPU taken from the other daemons on the same cores.
+//! Deferred completions (`IORING_SETUP_DEFER_TASKRUN`) were even with this
+//! within the noise, for a ring only one thread may enter: docs/design.md.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
