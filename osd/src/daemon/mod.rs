@@ -9,6 +9,7 @@
 pub mod service;
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use basalt_monitor::MonClient;
 use basalt_placement::{ClusterMap, OsdId};
 use basalt_proto::monitor as pb;
 use basalt_wire::{Frame, FrameCodec, Kind};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -104,9 +105,13 @@ impl basalt_client::LocalOsd for LocalService {
             // I/O buffer stays with the ring until the kernel is done; a
             // read repair cut short leaves the bad copy for the next read
             // to repair): run in the caller's task, without a spawn and a
-            // wake-up more.
+            // wake-up more. A panic stays with the request (the caller sees
+            // a lost connection), as in a task of its own.
             if frame.kind == Kind::Read {
-                return Some(service.handle(frame).await);
+                return AssertUnwindSafe(service.handle(frame))
+                    .catch_unwind()
+                    .await
+                    .ok();
             }
             // Spawned, as a request read from a socket is: a caller that
             // stops waiting (timeout, closed NBD connection) must not cut a
