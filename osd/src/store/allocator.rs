@@ -185,7 +185,7 @@ impl Allocator {
         let mut runs: Vec<Run> = Vec::new();
         let mut remaining = count;
         let retry_after =
-            |short_at: Option<u64>, frees: u64| short_at.is_none_or(|at| self.frees - at >= frees);
+            |short_at: Option<u64>, wait: u64| short_at.is_none_or(|at| self.frees - at >= wait);
         let large = count >= LARGE_ALLOC_BLOCKS;
         if large || !fill {
             if retry_after(self.short_at, LARGE_HOLE_RETRY_AFTER_FREES) {
@@ -291,8 +291,9 @@ impl Allocator {
                     len += 1;
                 }
                 if len >= max_hole {
-                    // Too large: skip to its end (whole free words at once).
-                    len = self.hole_len(block);
+                    // Too large: skip to its end (whole free words at once),
+                    // from where the measure stopped.
+                    len += self.hole_len(block + len);
                 }
                 if len < min_hole || len >= max_hole {
                     block += len;
@@ -312,8 +313,8 @@ impl Allocator {
         remaining
     }
 
-    /// Length of the hole starting at free block `start` (to the next used
-    /// block or the end of the disk).
+    /// Length of the hole starting at `start` (to the next used block or
+    /// the end of the disk; 0 when `start` is used).
     fn hole_len(&self, start: u64) -> u64 {
         let mut block = start;
         while !self.is_used(block) {
