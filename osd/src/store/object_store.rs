@@ -1728,6 +1728,16 @@ struct Unsynced {
 /// Unsynced changes kept for the next journal record, at most (about 750
 /// KiB encoded): beyond, the next sync is a checkpoint.
 const UNSYNCED_OPS_MAX: usize = 16_384;
+
+/// Buffered changes that, waiting, make the committer apply them at once
+/// (`Committer::apply_buffered`); fewer are left to gather for up to
+/// `APPLY_GATHER_FOR`.
+const APPLY_GATHER_OPS: usize = 4_096;
+const APPLY_GATHER_FOR: Duration = Duration::from_millis(50);
+/// At most this many changes waiting, a write alone applies them on the
+/// runtime thread after its reply; more go to the blocking thread.
+const APPLY_ALONE_OPS: usize = 64;
+
 /// Blocks held until a checkpoint that make one happen: 64 MiB.
 const HELD_MAX: u64 = 16_384;
 /// Deferred writes whose data waits in RocksDB that make the next group a
@@ -1818,14 +1828,39 @@ impl<D: BlockDevice> Committer<D> {
     /// the memtable insert and WAL write were ~11 µs of a homed 4 KiB
     /// write's ~60 µs of CPU on the OSD's one runtime thread. Under load (a
     /// group of several writes, or more waiting) on a blocking thread,
-    /// beside the runtime thread. A write `alone` (QD1) has them applied by
-    /// a task of this runtime that runs after the writer's reply is sent:
-    /// waking a thread costs the runtime thread ~4 µs, and on two cores that
-    /// thread takes the core the client needs to send its next request. One
-    /// application at a time; the blocking one goes on while more are
-    /// logged.
+    /// beside the runtime thread, once `APPLY_GATHER_OPS` changes wait or
+    /// the oldest has waited `APPLY_GATHER_FOR`: one large batch, coalesced
+    /// and in key order, costs a fraction of the memtable work of many
+    /// small ones. A write `alone` (QD1) with few changes waiting has them
+    /// applied by a task of this runtime that runs after the writer's reply
+    /// is sent: waking a thread costs the runtime thread ~4 µs, and on two
+    /// cores that thread takes the core the client needs to send its next
+    /// request. One application at a time; the blocking one goes on while
+    /// more are logged.
     fn apply_buffered(&mut self, alone: bool) {
-        if self.applying.as_ref().is_some_and(|a| !a.is_finished()) || !self.meta.has_buffered() {
+        if self.applying.as_ref().is_some_and(|a| !a.is_finished()) {
+            return;
+        }
+        let (waiting, since) = self.meta.buffered_waiting();
+        if waiting == 0 {
+            return;
+        }
+        let alone = alone && waiting <= APPLY_ALONE_OPS;
+        // A sync applies what waits before its record, on the committer's
+        // path (every write waits for it): close to the next one, they are
+        // applied as they come.
+        let sync_near = self.unsynced.ops.len() + APPLY_GATHER_OPS >= UNSYNCED_OPS_MAX
+            || self
+                .unsynced
+                .since
+                .is_some_and(|since| since.elapsed() + APPLY_GATHER_FOR >= BUFFERED_SYNC_AFTER);
+        if !alone
+            && !sync_near
+            && waiting < APPLY_GATHER_OPS
+            && since.is_some_and(|since| since.elapsed() < APPLY_GATHER_FOR)
+        {
+            // Left to gather: the next group looks again, and a sync, a
+            // checkpoint or any reader of RocksDB applies them first.
             return;
         }
         let meta = self.meta.clone();
@@ -1855,6 +1890,24 @@ impl<D: BlockDevice> Committer<D> {
         } else {
             tokio::task::spawn_blocking(apply)
         });
+    }
+
+    /// Applies every logged buffered change now: a few on this thread,
+    /// more (up to `APPLY_GATHER_OPS` may be gathering) on the blocking
+    /// thread, after the application in progress, if any.
+    async fn apply_buffered_now(&mut self) -> Result<(), String> {
+        if let Some(applying) = self.applying.take() {
+            let _ = applying.await;
+        }
+        let meta = self.meta.clone();
+        let applied = if meta.buffered_waiting().0 <= APPLY_ALONE_OPS {
+            meta.apply_buffered()
+        } else {
+            tokio::task::spawn_blocking(move || meta.apply_buffered())
+                .await
+                .map_err(|e| format!("metadata commit task failed: {e}"))?
+        };
+        applied.map_err(|e| format!("metadata commit failed: {e}"))
     }
 
     /// Syncs what earlier groups left unsynced.
@@ -2075,9 +2128,7 @@ impl<D: BlockDevice> Committer<D> {
     ) -> Result<(), String> {
         // Logged buffered changes go into RocksDB before the record: a
         // replay after a kill then finds none older than a record's changes.
-        self.meta
-            .apply_buffered()
-            .map_err(|e| format!("metadata commit failed: {e}"))?;
+        self.apply_buffered_now().await?;
         let mut flush_after = durable && (data_before || self.unsynced.data);
         let encode = |unsynced: &[MetaOp], inline: &[(u64, IoBuf)]| {
             let inline_blocks: usize = inline.iter().map(|(_, b)| b.len() / BLOCK_BYTES).sum();
