@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use basalt_osd::store::{
     BLOCK_BYTES, BlockDevice, MemDevice, ObjectKey, ObjectStore, StoreConfig, StoreError,
@@ -543,6 +544,9 @@ async fn io_errors_fail_cleanly() {
     let a = key(1, 0);
     let good = pattern(1, 4 * BLOCK_BYTES);
     store.write(&a, 0, &good, 1).await.unwrap();
+    // Its data goes in place behind its journal record: a read waits for it
+    // (`a_failed_write_in_place_after_the_answer_fails_the_store`).
+    assert_eq!(&store.read(&a, 0, 4 * B).await.unwrap()[..], &good[..]);
     device.fail_writes(true);
     // A write too large for the journal writes its data first: the failure
     // is that write's, and the store carries on.
@@ -978,6 +982,8 @@ async fn flush_after_small_buffered_writes_is_one_device_flush() {
     buffered(&store, 1, 2, 1).await;
     buffered(&store, 2, 3, 8).await;
     buffered(&store, 3, 4, 2).await;
+    // Their data goes in place behind their records: a read waits for it.
+    assert_holds_buffered(&store, &[(1, 2, 1), (2, 3, 8), (3, 4, 2)]).await;
     let (writes, flushes) = device.counters();
     store.flush().await.unwrap();
     assert_eq!(
@@ -1057,6 +1063,103 @@ async fn deferred_writes_survive_a_kill_before_their_data_lands() {
     want[B as usize..3 * B as usize].copy_from_slice(&pattern(4, 2 * B as usize));
     assert_eq!(store.read(&a, 0, 4 * B).await.unwrap()[..], want[..]);
     assert_eq!(store.version(&a).await.unwrap(), Some(4));
+    assert_clean_and_close(store).await;
+}
+
+/// While a client flushes, a small write is answered once its journal
+/// record is written, its data still on the way to its blocks: the record
+/// holds the data. The object stays locked until the data lands (a read
+/// waits for it), a flush does not wait for it, a kill before it lands
+/// loses nothing (the next open writes it in place from the record), and a
+/// checkpoint, after which the record is not replayed, waits for it.
+#[tokio::test]
+async fn small_writes_are_answered_before_their_data_lands_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    store.flush().await.unwrap();
+    let soon = Duration::from_secs(5);
+    device.hold_writes_from(Some(store.journal_blocks()));
+    tokio::time::timeout(soon, buffered(&store, 2, 2, 1))
+        .await
+        .expect("a small buffered write waited for its data in place");
+    tokio::time::timeout(soon, store.write(&key(3, 0), 0, &pattern(3, B as usize), 3))
+        .await
+        .expect("a small durable write waited for its data in place")
+        .unwrap();
+    tokio::time::timeout(soon, store.flush())
+        .await
+        .expect("a flush waited for data its records hold")
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), store.read(&key(2, 0), 0, B))
+            .await
+            .is_err(),
+        "a read found the new blocks before their data"
+    );
+    // The data never lands; the store is killed.
+    device.lose_writes(true);
+    device.hold_writes_from(None);
+    store.kill().await;
+    device.lose_writes(false);
+    let store = mem_store(&device, dir.path()).await;
+    assert_holds_buffered(&store, &[(2, 2, 1), (3, 3, 1)]).await;
+
+    // A checkpoint ends the lap the records are in: it waits for the data.
+    store.flush().await.unwrap();
+    device.hold_writes_from(Some(store.journal_blocks()));
+    tokio::time::timeout(soon, buffered(&store, 4, 4, 1))
+        .await
+        .expect("a small buffered write waited for its data in place");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), store.flush_and_release())
+            .await
+            .is_err(),
+        "a checkpoint ended the lap before the data its records hold landed"
+    );
+    device.hold_writes_from(None);
+    store.flush_and_release().await.unwrap();
+    assert_holds_buffered(&store, &[(2, 2, 1), (3, 3, 1), (4, 4, 1)]).await;
+    assert_clean_and_close(store).await;
+}
+
+/// A small write's data that fails to go in place after the write was
+/// answered (from its journal record) fails the store: its record is the
+/// only copy. Reads of it fail their checksum rather than return old data,
+/// and the next open writes it in place from the record.
+#[tokio::test]
+async fn a_failed_write_in_place_after_the_answer_fails_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    buffered(&store, 1, 1, 2).await;
+    store.flush().await.unwrap();
+    device.hold_writes_from(Some(store.journal_blocks()));
+    buffered(&store, 1, 2, 2).await;
+    device.fail_writes(true);
+    device.hold_writes_from(None);
+    assert!(
+        matches!(
+            store.read(&key(1, 0), 0, 2 * B).await,
+            Err(StoreError::Checksum { .. })
+        ),
+        "a read returned data that never landed"
+    );
+    let err = store
+        .write_with(
+            &key(2, 0),
+            0,
+            &pattern(3, B as usize),
+            3,
+            Durability::Buffered,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Failed(_)), "{err}");
+    device.fail_writes(false);
+    store.close().await;
+    let store = mem_store(&device, dir.path()).await;
+    assert_holds_buffered(&store, &[(1, 2, 2)]).await;
     assert_clean_and_close(store).await;
 }
 

@@ -80,6 +80,9 @@ pub struct MemDevice {
     block_count: u64,
     pool: BufferPool,
     state: Mutex<MemState>,
+    /// Plain writes at or past this block wait while it is set
+    /// (`hold_writes_from`).
+    hold: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 #[derive(Default)]
@@ -113,6 +116,7 @@ impl MemDevice {
             block_count,
             pool: BufferPool::new(64, 8),
             state: Mutex::new(MemState::default()),
+            hold: tokio::sync::watch::channel(None).0,
         }
     }
 
@@ -138,6 +142,13 @@ impl MemDevice {
     /// Brings the device back after `power_loss`, with its durable content.
     pub fn power_on(&self) {
         self.state().powered_off = false;
+    }
+
+    /// Makes plain writes at or past `block` wait (`Some`), as writes in
+    /// flight do, until called again with `None` (or another block); they
+    /// then land as the device is at that moment (`lose_writes`).
+    pub fn hold_writes_from(&self, block: Option<u64>) {
+        self.hold.send_replace(block);
     }
 
     /// Makes writes fail with EIO (`true`) or succeed again.
@@ -255,6 +266,12 @@ impl BlockDevice for MemDevice {
     }
 
     async fn write(&self, block: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
+        let mut hold = self.hold.subscribe();
+        while hold.borrow_and_update().is_some_and(|from| block >= from) {
+            if hold.changed().await.is_err() {
+                break;
+            }
+        }
         self.store_blocks(block, buf, false)
     }
 

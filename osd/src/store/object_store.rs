@@ -73,6 +73,7 @@ use basalt_placement::PgId;
 use basalt_wire::Durability;
 use basalt_wire::crc::block_crcs;
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use futures::future::join_all;
 use tokio::sync::{RwLock, mpsc, oneshot};
 
@@ -193,8 +194,13 @@ struct Commit {
     inline: Vec<(u64, IoBuf)>,
     /// End the journal's lap: flush, sync RocksDB, release held blocks.
     checkpoint: bool,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<Option<HomeLanding>, String>>,
 }
+
+/// Ends when the data of a group's small writes, sent out with their
+/// journal record, is in place (`Committer::write_home_behind`): their
+/// objects stay locked until then.
+type HomeLanding = futures::future::Shared<oneshot::Receiver<()>>;
 
 /// What giving up a change's old blocks takes: reference-count updates to
 /// commit with the change, then blocks to unshare and to free.
@@ -452,6 +458,7 @@ impl<D: BlockDevice> ObjectStore<D> {
                 journal,
                 checkpoints: checkpoints.clone(),
                 applying: None,
+                home: None,
             }
             .run(rx),
         );
@@ -662,6 +669,7 @@ impl<D: BlockDevice> ObjectStore<D> {
     ) -> Result<(), StoreError> {
         self.send_commit(ops, needs_flush, durability, free, Vec::new(), false)
             .await
+            .map(drop)
     }
 
     async fn send_commit(
@@ -672,7 +680,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         free: Vec<u64>,
         inline: Vec<(u64, IoBuf)>,
         checkpoint: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<HomeLanding>, StoreError> {
         let (done, wait) = oneshot::channel();
         self.inner
             .commits
@@ -687,7 +695,7 @@ impl<D: BlockDevice> ObjectStore<D> {
             })
             .map_err(|_| StoreError::Failed("committer stopped".into()))?;
         match wait.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(home)) => Ok(home),
             Ok(Err(message)) => Err(StoreError::Failed(message)),
             Err(_) => Err(StoreError::Failed("committer stopped".into())),
         }
@@ -724,6 +732,7 @@ impl<D: BlockDevice> ObjectStore<D> {
             true,
         )
         .await
+        .map(drop)
     }
 
     /// Writes `data` at byte `offset` of an object (both 4 KiB-aligned) and
@@ -944,17 +953,23 @@ impl<D: BlockDevice> ObjectStore<D> {
         let result = self
             .commit_release(ops, !inline, durability, release, buffers)
             .await;
-        if let (Ok(()), Some(map)) = (&result, map) {
+        if let (Ok(_), Some(map)) = (&result, map) {
             self.inner
                 .maps
                 .put_back(key, map, first, &new_entries, version);
         }
+        // The object stays locked until its data is in place: a read must
+        // not find the new blocks before they hold it.
         if landing.is_some() {
-            // The object stays locked until its data is in place: a read
-            // must not find the new blocks before they hold it.
             tokio::spawn(land(landing, Some(guard)));
+        } else if let Ok(Some(home)) = &result {
+            let home = home.clone();
+            tokio::spawn(async move {
+                let _ = home.await;
+                drop(guard);
+            });
         }
-        result
+        result.map(drop)
     }
 
     /// Whether a client asked for a flush lately (see
@@ -1025,7 +1040,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         durability: Durability,
         release: Release<'_>,
         inline: Vec<(u64, IoBuf)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<HomeLanding>, StoreError> {
         let Release {
             ops: ref_ops,
             free,
@@ -1033,13 +1048,14 @@ impl<D: BlockDevice> ObjectStore<D> {
             _refs,
         } = release;
         ops.extend(ref_ops);
-        self.send_commit(ops, needs_flush, durability, free, inline, false)
+        let home = self
+            .send_commit(ops, needs_flush, durability, free, inline, false)
             .await?;
         let mut allocator = self.allocator();
         for block in &unshare {
             allocator.set_shared(*block, false);
         }
-        Ok(())
+        Ok(home)
     }
 
     /// Makes `target` a copy of `source` that shares its blocks (a snapshot
@@ -1327,7 +1343,8 @@ impl<D: BlockDevice> ObjectStore<D> {
             .await?;
         self.without_map(
             key,
-            self.commit_release(ops, false, durability, release, Vec::new()),
+            self.commit_release(ops, false, durability, release, Vec::new())
+                .map(|result| result.map(drop)),
         )
         .await
     }
@@ -1490,7 +1507,8 @@ impl<D: BlockDevice> ObjectStore<D> {
             .await?;
         self.without_map(
             key,
-            self.commit_release(ops, false, Durability::Durable, release, Vec::new()),
+            self.commit_release(ops, false, Durability::Durable, release, Vec::new())
+                .map(|result| result.map(drop)),
         )
         .await
     }
@@ -1777,6 +1795,9 @@ struct Committer<D> {
     checkpoints: Arc<std::sync::atomic::AtomicU64>,
     /// Buffered changes being put into RocksDB (`apply_buffered`).
     applying: Option<tokio::task::JoinHandle<()>>,
+    /// The data of the group being committed, written in place behind its
+    /// record (`write_home_behind`).
+    home: Option<HomeLanding>,
 }
 
 impl<D: BlockDevice> Committer<D> {
@@ -1804,9 +1825,10 @@ impl<D: BlockDevice> Committer<D> {
                 }
             }
             let result = self.commit(&mut group).await;
+            let home = self.home.take();
             let alone = group.len() == 1 && rx.is_empty();
             for commit in group {
-                let _ = commit.done.send(result.clone());
+                let _ = commit.done.send(result.clone().map(|()| home.clone()));
             }
             self.apply_buffered(alone);
         }
@@ -2180,6 +2202,13 @@ impl<D: BlockDevice> Committer<D> {
             .iter()
             .map(|(b, buf)| (*b, (buf.len() / BLOCK_BYTES) as u64))
             .collect();
+        // The inline data is in the record, which a replay writes in place
+        // again: the writers need not wait for it to land. It goes out once
+        // the record is written: sent together, the two completed together.
+        let (record_written, after_record) = oneshot::channel();
+        if !inline.is_empty() {
+            self.write_home_behind(inline, after_record);
+        }
         let record_write = async {
             if !durable {
                 let (_, written) = self.device.write(at, record).await;
@@ -2196,9 +2225,8 @@ impl<D: BlockDevice> Committer<D> {
                 written.map_err(|e| format!("journal write failed: {e}"))
             }
         };
-        let (written, home) = tokio::join!(record_write, write_home(&self.device, inline));
-        written?;
-        home?;
+        record_write.await?;
+        let _ = record_written.send(());
         self.meta
             .write_marked(&ops, Some(seq), None, false)
             .map_err(|e| format!("metadata commit failed: {e}"))?;
@@ -2219,6 +2247,36 @@ impl<D: BlockDevice> Committer<D> {
             return Ok(());
         }
         self.release_synced(free).await
+    }
+
+    /// Writes a group's inline data in place without the writers waiting:
+    /// its record holds it, and a replay writes it in place again. Their
+    /// objects stay locked until it lands (`HomeLanding`), and a checkpoint,
+    /// which ends the lap the record is in, waits for it (`Landings`). A
+    /// failed write fails the store: the record is then the only copy, and
+    /// the next open writes it in place again.
+    ///
+    /// It starts when `after` fires or is dropped (the record written, or
+    /// its write failed).
+    fn write_home_behind(&mut self, inline: Vec<(u64, IoBuf)>, after: oneshot::Receiver<()>) {
+        let (landed_tx, landed_rx) = oneshot::channel();
+        let landed = Landings::begin(&self.landings);
+        let (device, failed) = (self.device.clone(), self.failed.clone());
+        tokio::spawn(async move {
+            let _ = after.await;
+            // Behind the writers' replies, which have tasks to pass through
+            // still (as the QD1 application of buffered changes does).
+            tokio::task::yield_now().await;
+            if let Err(message) = write_home(&device, inline).await {
+                tracing::error!(
+                    "{message}: the data is in its journal record; refusing further writes"
+                );
+                failed.store(true, Ordering::Release);
+            }
+            drop(landed);
+            let _ = landed_tx.send(());
+        });
+        self.home = Some(landed_rx.shared());
     }
 
     /// A sync when every unsynced change is in a record already written:
@@ -2264,6 +2322,9 @@ impl<D: BlockDevice> Committer<D> {
         inline: Vec<(u64, IoBuf)>,
     ) -> Result<(), String> {
         self.settle_deferred(&mut ops).await;
+        // Data written behind its record (`write_home_behind`) must be in
+        // place before the lap that holds the record ends.
+        self.landings.wait_begun().await;
         write_home(&self.device, inline).await?;
         let lap = self.journal()?.next_seq;
         commit_group(&self.device, &self.meta, ops, true, true, Some(lap)).await?;
