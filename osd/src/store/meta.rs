@@ -279,8 +279,9 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Writes coalesced buffered changes in batches of `APPLY_CHUNK`, the
-    /// last one marking `seq` applied, yielding the CPU in between. A kill
+    /// Writes coalesced buffered changes (at least one: `apply_buffered`
+    /// returns before when none wait) in batches of `APPLY_CHUNK`, the last
+    /// one marking `seq` applied, yielding the CPU in between. A kill
     /// between two leaves the log to replay whole, which gives the same
     /// state (every change is a blind put or delete, replayed in order).
     /// Readers wait for all of them (`applying`).
@@ -292,9 +293,6 @@ impl MetaStore {
             if !last {
                 std::thread::yield_now();
             }
-        }
-        if ops.is_empty() {
-            self.write_batch(&[], None, None, Some(seq), false)?;
         }
         Ok(())
     }

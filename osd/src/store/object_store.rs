@@ -963,11 +963,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         if landing.is_some() {
             tokio::spawn(land(landing, Some(guard)));
         } else if let Ok(Some(home)) = &result {
-            let home = home.clone();
-            tokio::spawn(async move {
-                let _ = home.await;
-                drop(guard);
-            });
+            tokio::spawn(land(Some(home.clone()), Some(guard)));
         }
         result.map(drop)
     }
@@ -2348,14 +2344,16 @@ fn holds_deferred(ops: &[MetaOp]) -> bool {
         .any(|op| matches!(op, MetaOp::PutDeferred { .. }))
 }
 
-/// Waits for a deferred write's data write to end (if there is one), then
+/// Waits for a write's data to land in place (if it is on its way: a
+/// deferred write's task, or a small write's data behind its record), then
 /// lets the object go (`guard`).
-async fn land(
-    landing: Option<tokio::task::JoinHandle<()>>,
+async fn land<F: std::future::Future>(
+    landing: Option<F>,
     guard: Option<tokio::sync::OwnedRwLockWriteGuard<()>>,
 ) {
     if let Some(write) = landing {
-        // Its landing ends when the task does, even if it panicked.
+        // A task's landing ends when the task does, even if it panicked; a
+        // data write behind its record ends even if its sender is dropped.
         let _ = write.await;
     }
     drop(guard);
