@@ -1163,6 +1163,72 @@ async fn a_failed_write_in_place_after_the_answer_fails_the_store() {
     assert_clean_and_close(store).await;
 }
 
+/// A checkpoint waits for the data written in place behind journal records
+/// before it ends their lap; when that write fails meanwhile, the record is
+/// the only copy of an acknowledged write: the checkpoint fails and leaves
+/// the lap for the next open, which writes the data in place from it.
+#[tokio::test]
+async fn a_checkpoint_keeps_the_lap_when_a_write_in_place_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    buffered(&store, 1, 1, 2).await;
+    store.flush().await.unwrap();
+    device.hold_writes_from(Some(store.journal_blocks()));
+    buffered(&store, 1, 2, 2).await;
+    let fail_the_write = async {
+        // Long enough for the checkpoint to be waiting for the write.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        device.fail_held_writes(true);
+        device.hold_writes_from(None);
+    };
+    let (checkpoint, ()) = tokio::join!(store.flush_and_release(), fail_the_write);
+    assert!(
+        checkpoint.is_err(),
+        "a checkpoint ended the lap of a record whose data failed to land"
+    );
+    device.fail_held_writes(false);
+    store.close().await;
+    let store = mem_store(&device, dir.path()).await;
+    assert_holds_buffered(&store, &[(1, 2, 2)]).await;
+    assert_clean_and_close(store).await;
+}
+
+/// The same for deferred writes: a sync waits for their data before it
+/// deletes their copies in RocksDB; when the data fails to land, the copy
+/// is the only one, and the sync fails without deleting it.
+#[tokio::test]
+async fn a_sync_keeps_deferred_copies_when_their_data_fails_to_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let meta = dir.path().join("meta");
+    let store = ObjectStore::open(device.clone(), &meta, deferring())
+        .await
+        .unwrap();
+    buffered(&store, 1, 1, 1).await;
+    store.flush_and_release().await.unwrap();
+    device.hold_writes_from(Some(store.journal_blocks()));
+    buffered(&store, 2, 2, 1).await;
+    assert_eq!(store.deferred_copies().unwrap(), 1, "not deferred");
+    let fail_the_write = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        device.fail_held_writes(true);
+        device.hold_writes_from(None);
+    };
+    let (sync, ()) = tokio::join!(store.flush(), fail_the_write);
+    assert!(
+        sync.is_err(),
+        "a sync deleted the copy of deferred data that failed to land"
+    );
+    device.fail_held_writes(false);
+    store.close().await;
+    let store = ObjectStore::open(device.clone(), &meta, deferring())
+        .await
+        .unwrap();
+    assert_holds_buffered(&store, &[(1, 1, 1), (2, 2, 1)]).await;
+    assert_clean_and_close(store).await;
+}
+
 /// A store on `device` that a client flushed (so its small buffered writes
 /// go into the journal), and a copy of its metadata taken then: RocksDB's
 /// unsynced writes may go with the power, and it comes back as that copy.

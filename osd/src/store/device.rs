@@ -95,6 +95,8 @@ struct MemState {
     powered_off: bool,
     /// Fail every write with EIO while set.
     fail_writes: bool,
+    /// Fail the writes `hold_writes_from` held, once released, with EIO.
+    fail_held: bool,
     /// Report every write done and keep nothing while set.
     lose_writes: bool,
     /// Fail every read with EIO while set.
@@ -154,6 +156,13 @@ impl MemDevice {
     /// Makes writes fail with EIO (`true`) or succeed again.
     pub fn fail_writes(&self, fail: bool) {
         self.state().fail_writes = fail;
+    }
+
+    /// Makes the writes that `hold_writes_from` holds fail with EIO when
+    /// they are let go (`true`), while every other write succeeds: a write
+    /// in flight that fails, and nothing else.
+    pub fn fail_held_writes(&self, fail: bool) {
+        self.state().fail_held = fail;
     }
 
     /// Makes writes report success and keep nothing (`true`), as the
@@ -267,10 +276,15 @@ impl BlockDevice for MemDevice {
 
     async fn write(&self, block: u64, buf: IoBuf) -> (IoBuf, io::Result<()>) {
         let mut hold = self.hold.subscribe();
+        let mut held = false;
         while hold.borrow_and_update().is_some_and(|from| block >= from) {
+            held = true;
             if hold.changed().await.is_err() {
                 break;
             }
+        }
+        if held && self.state().fail_held {
+            return (buf, Err(eio()));
         }
         self.store_blocks(block, buf, false)
     }

@@ -1973,7 +1973,7 @@ impl<D: BlockDevice> Committer<D> {
             return Ok(());
         }
         if sync {
-            self.settle_deferred(&mut ops).await;
+            self.settle_deferred(&mut ops).await?;
         }
         let result = if self.journal.is_some() {
             if checkpoint || self.unsynced.overflow {
@@ -2099,12 +2099,12 @@ impl<D: BlockDevice> Committer<D> {
     /// change is free only after a sync, so its copy is gone by the time
     /// another change can own it, and a restart never writes a stale copy
     /// over a newer owner's data.
-    async fn settle_deferred(&mut self, ops: &mut Vec<MetaOp>) {
+    async fn settle_deferred(&mut self, ops: &mut Vec<MetaOp>) -> Result<(), String> {
         let own = holds_deferred(ops);
         if !own && self.unsynced.deferred.is_empty() {
-            return;
+            return Ok(());
         }
-        self.landings.wait_begun().await;
+        self.wait_landed().await?;
         ops.retain(|op| !matches!(op, MetaOp::PutDeferred { .. }));
         ops.extend(
             self.unsynced
@@ -2112,6 +2112,23 @@ impl<D: BlockDevice> Committer<D> {
                 .drain(..)
                 .map(|(key, disk_block)| MetaOp::DeleteDeferred { key, disk_block }),
         );
+        Ok(())
+    }
+
+    /// Waits for every data write begun behind a journal record or a
+    /// deferred write's copy. One that failed (the store is failed then)
+    /// leaves its record or copy the only one: no lap may end and no copy
+    /// be deleted, so that the next open writes the data in place again.
+    async fn wait_landed(&self) -> Result<(), String> {
+        self.landings.wait_begun().await;
+        if self.failed.load(Ordering::Acquire) {
+            return Err(
+                "a data write behind its journal record or deferred copy failed; \
+                 both stay for the next open"
+                    .to_string(),
+            );
+        }
+        Ok(())
     }
 
     fn journal(&mut self) -> Result<&mut JournalState, String> {
@@ -2317,10 +2334,10 @@ impl<D: BlockDevice> Committer<D> {
         free: Vec<u64>,
         inline: Vec<(u64, IoBuf)>,
     ) -> Result<(), String> {
-        self.settle_deferred(&mut ops).await;
+        self.settle_deferred(&mut ops).await?;
         // Data written behind its record (`write_home_behind`) must be in
         // place before the lap that holds the record ends.
-        self.landings.wait_begun().await;
+        self.wait_landed().await?;
         write_home(&self.device, inline).await?;
         let lap = self.journal()?.next_seq;
         commit_group(&self.device, &self.meta, ops, true, true, Some(lap)).await?;
