@@ -1163,6 +1163,25 @@ async fn a_failed_write_in_place_after_the_answer_fails_the_store() {
     assert_clean_and_close(store).await;
 }
 
+/// Buffered changes left to gather under load are applied once they are due
+/// even when no more writes come: the committer wakes up for them, rather
+/// than leaving them to the next sync or to a reader's path.
+#[tokio::test]
+async fn gathered_changes_are_applied_without_more_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    // Written together, the writes make one group: its changes gather.
+    futures::future::join_all((1..=8).map(|object| buffered(&store, object, object, 1))).await;
+    assert!(store.buffered_waiting() > 0, "nothing left to gather");
+    // Well within the 1 s after which a sync would apply them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.buffered_waiting(), 0, "gathered changes still wait");
+    let expected: Vec<(u64, u64, u64)> = (1..=8).map(|object| (object, object, 1)).collect();
+    assert_holds_buffered(&store, &expected).await;
+    assert_clean_and_close(store).await;
+}
+
 /// A checkpoint waits for the data written in place behind journal records
 /// before it ends their lap; when that write fails meanwhile, the record is
 /// the only copy of an acknowledged write: the checkpoint fails and leaves

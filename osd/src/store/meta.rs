@@ -244,8 +244,10 @@ impl MetaStore {
         (buffered.ops.len(), buffered.since)
     }
 
-    /// Applies the buffered changes to RocksDB (one unsynced batch). May run
-    /// on another thread while more are logged: the changes are taken out
+    /// Applies the buffered changes to RocksDB (unsynced batches of
+    /// `APPLY_CHUNK` changes, the last one marking them applied:
+    /// `write_in_chunks`). May run on another thread while more are
+    /// logged: the changes are taken out
     /// under the lock, applied under `applying` (which every reader and
     /// writer of RocksDB waits for), and the log starts over once RocksDB
     /// has all it holds. So no change waits exactly when no application is

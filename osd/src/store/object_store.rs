@@ -547,6 +547,11 @@ impl<D: BlockDevice> ObjectStore<D> {
         )
     }
 
+    /// Buffered metadata changes logged and not yet in RocksDB.
+    pub fn buffered_waiting(&self) -> usize {
+        self.inner.meta.buffered_waiting().0
+    }
+
     /// Returns the number of blocks of the metadata journal (0: none).
     pub fn journal_blocks(&self) -> u64 {
         self.inner.journal_blocks
@@ -1777,7 +1782,8 @@ struct JournalState {
 /// of them: with a journal, one record written with RWF_DSYNC and an
 /// unsynced RocksDB batch; without, one device flush for all the data
 /// written since the last one, then one synced RocksDB batch. A group of
-/// buffered changes is one unsynced batch. A failed flush or commit fails
+/// buffered changes is logged (with a journal; applied to RocksDB later,
+/// `apply_buffered`) or one unsynced batch. A failed flush or commit fails
 /// the store: it can no longer tell what is durable.
 struct Committer<D> {
     landings: Arc<Landings>,
@@ -1799,18 +1805,23 @@ struct Committer<D> {
 impl<D: BlockDevice> Committer<D> {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Commit>) {
         loop {
-            let first = match self.unsynced.since {
-                Some(since) => {
-                    let deadline = tokio::time::Instant::from_std(since + BUFFERED_SYNC_AFTER);
-                    tokio::select! {
-                        commit = rx.recv() => commit,
-                        () = tokio::time::sleep_until(deadline) => {
-                            self.sync_alone().await;
-                            continue;
-                        }
+            let sync_at = self.unsynced.since.map(|since| since + BUFFERED_SYNC_AFTER);
+            let apply_at = self.gathered_until();
+            let first = if sync_at.is_none() && apply_at.is_none() {
+                rx.recv().await
+            } else {
+                let far = Instant::now() + BUFFERED_SYNC_AFTER;
+                tokio::select! {
+                    commit = rx.recv() => commit,
+                    () = tokio::time::sleep_until(sync_at.unwrap_or(far).into()), if sync_at.is_some() => {
+                        self.sync_alone().await;
+                        continue;
+                    }
+                    () = tokio::time::sleep_until(apply_at.unwrap_or(far).into()), if apply_at.is_some() => {
+                        self.apply_buffered(false);
+                        continue;
                     }
                 }
-                None => rx.recv().await,
             };
             let Some(first) = first else { break };
             let mut group = vec![first];
@@ -1840,6 +1851,20 @@ impl<D: BlockDevice> Committer<D> {
         } else {
             self.sync_alone().await;
         }
+    }
+
+    /// When buffered changes left to gather (`apply_buffered`) are due:
+    /// with no more writes coming, the committer wakes up for them rather
+    /// than leaving them to the next sync or to a reader, which would apply
+    /// them on its own path. While an application runs, it looks again a
+    /// gathering time later.
+    fn gathered_until(&self) -> Option<Instant> {
+        let (waiting, since) = self.meta.buffered_waiting();
+        let since = since.filter(|_| waiting > 0)?;
+        if self.applying.as_ref().is_some_and(|a| !a.is_finished()) {
+            return Some(Instant::now() + APPLY_GATHER_FOR);
+        }
+        Some(since + APPLY_GATHER_FOR)
     }
 
     /// Puts logged buffered changes into RocksDB, off the writers' path:
