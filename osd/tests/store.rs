@@ -1123,6 +1123,21 @@ async fn small_writes_are_answered_before_their_data_lands_in_place() {
     assert_clean_and_close(store).await;
 }
 
+/// A store whose client flushed, then wrote pattern 2 over the 2 blocks at
+/// the start of object 1 (buffered, small): the write was answered from its
+/// journal record, and its data's write in place is held.
+async fn answered_with_data_held(
+    dir: &std::path::Path,
+) -> (Arc<MemDevice>, ObjectStore<Arc<MemDevice>>) {
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir).await;
+    buffered(&store, 1, 1, 2).await;
+    store.flush().await.unwrap();
+    device.hold_writes_from(Some(store.journal_blocks()));
+    buffered(&store, 1, 2, 2).await;
+    (device, store)
+}
+
 /// A small write's data that fails to go in place after the write was
 /// answered (from its journal record) fails the store: its record is the
 /// only copy. Reads of it fail their checksum rather than return old data,
@@ -1130,12 +1145,7 @@ async fn small_writes_are_answered_before_their_data_lands_in_place() {
 #[tokio::test]
 async fn a_failed_write_in_place_after_the_answer_fails_the_store() {
     let dir = tempfile::tempdir().unwrap();
-    let device = Arc::new(MemDevice::new(4096));
-    let store = mem_store(&device, dir.path()).await;
-    buffered(&store, 1, 1, 2).await;
-    store.flush().await.unwrap();
-    device.hold_writes_from(Some(store.journal_blocks()));
-    buffered(&store, 1, 2, 2).await;
+    let (device, store) = answered_with_data_held(dir.path()).await;
     device.fail_writes(true);
     device.hold_writes_from(None);
     assert!(
@@ -1189,12 +1199,7 @@ async fn gathered_changes_are_applied_without_more_writes() {
 #[tokio::test]
 async fn a_checkpoint_keeps_the_lap_when_a_write_in_place_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let device = Arc::new(MemDevice::new(4096));
-    let store = mem_store(&device, dir.path()).await;
-    buffered(&store, 1, 1, 2).await;
-    store.flush().await.unwrap();
-    device.hold_writes_from(Some(store.journal_blocks()));
-    buffered(&store, 1, 2, 2).await;
+    let (device, store) = answered_with_data_held(dir.path()).await;
     let fail_the_write = async {
         // Long enough for the checkpoint to be waiting for the write.
         tokio::time::sleep(Duration::from_millis(100)).await;
