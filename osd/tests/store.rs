@@ -1138,6 +1138,42 @@ async fn answered_with_data_held(
     (device, store)
 }
 
+/// CPU time this process has used.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th of the whole line, in clock ticks.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// A store that failed with changes left unsynced stays idle: its
+/// committer does not wake up again and again to sync them (each try fails
+/// at once), which kept an OSD's one runtime thread busy.
+#[tokio::test]
+async fn a_failed_store_leaves_its_committer_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    // Written together, the writes gather (the applications' timer runs).
+    futures::future::join_all((1..=8).map(|object| buffered(&store, object, object, 1))).await;
+    device.fail_flushes(true);
+    assert!(store.flush().await.is_err(), "the flush did not fail");
+    let before = process_cpu();
+    // Past the 1 s after which unsynced changes are synced.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let used = process_cpu() - before;
+    assert!(
+        used < Duration::from_millis(400),
+        "{used:?} of CPU in 2 s with nothing to do"
+    );
+    device.fail_flushes(false);
+    store.close().await;
+}
+
 /// A small write's data that fails to go in place after the write was
 /// answered (from its journal record) fails the store: its record is the
 /// only copy. Reads of it fail their checksum rather than return old data,

@@ -1805,8 +1805,13 @@ struct Committer<D> {
 impl<D: BlockDevice> Committer<D> {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Commit>) {
         loop {
-            let sync_at = self.unsynced.since.map(|since| since + BUFFERED_SYNC_AFTER);
-            let apply_at = self.gathered_until();
+            // A failed store refuses every commit at once: woken for its
+            // unsynced changes, it would be woken again at once, for ever.
+            let failed = self.failed.load(Ordering::Acquire);
+            let sync_at = (self.unsynced.since)
+                .filter(|_| !failed)
+                .map(|since| since + BUFFERED_SYNC_AFTER);
+            let apply_at = self.gathered_until().filter(|_| !failed);
             let first = if sync_at.is_none() && apply_at.is_none() {
                 rx.recv().await
             } else {
