@@ -1812,20 +1812,15 @@ impl<D: BlockDevice> Committer<D> {
                 .filter(|_| !failed)
                 .map(|since| since + BUFFERED_SYNC_AFTER);
             let apply_at = self.gathered_until().filter(|_| !failed);
-            let first = if sync_at.is_none() && apply_at.is_none() {
-                rx.recv().await
-            } else {
-                let far = Instant::now() + BUFFERED_SYNC_AFTER;
-                tokio::select! {
-                    commit = rx.recv() => commit,
-                    () = tokio::time::sleep_until(sync_at.unwrap_or(far).into()), if sync_at.is_some() => {
-                        self.sync_alone().await;
-                        continue;
-                    }
-                    () = tokio::time::sleep_until(apply_at.unwrap_or(far).into()), if apply_at.is_some() => {
-                        self.apply_buffered(false);
-                        continue;
-                    }
+            let first = tokio::select! {
+                commit = rx.recv() => commit,
+                () = sleep_until_some(sync_at) => {
+                    self.sync_alone().await;
+                    continue;
+                }
+                () = sleep_until_some(apply_at) => {
+                    self.apply_buffered(false);
+                    continue;
                 }
             };
             let Some(first) = first else { break };
@@ -1864,8 +1859,8 @@ impl<D: BlockDevice> Committer<D> {
     /// them on its own path. While an application runs, it looks again a
     /// gathering time later.
     fn gathered_until(&self) -> Option<Instant> {
-        let (waiting, since) = self.meta.buffered_waiting();
-        let since = since.filter(|_| waiting > 0)?;
+        // Set exactly while changes wait.
+        let since = self.meta.buffered_waiting().1?;
         if self.applying.as_ref().is_some_and(|a| !a.is_finished()) {
             return Some(Instant::now() + APPLY_GATHER_FOR);
         }
@@ -2389,6 +2384,14 @@ impl<D: BlockDevice> Committer<D> {
 fn holds_deferred(ops: &[MetaOp]) -> bool {
     ops.iter()
         .any(|op| matches!(op, MetaOp::PutDeferred { .. }))
+}
+
+/// Sleeps until `at`, or for ever when there is no `at`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits for a write's data to land in place (if it is on its way: a
