@@ -1138,6 +1138,14 @@ async fn answered_with_data_held(
     (device, store)
 }
 
+/// After long enough for a sync or checkpoint started beside it to be
+/// waiting for the held writes, lets them go failing.
+async fn fail_held_writes_soon(device: &MemDevice) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    device.fail_held_writes(true);
+    device.hold_writes_from(None);
+}
+
 /// CPU time of the calling thread: the test's runtime thread, where the
 /// store's committer runs too (other tests of the process do not count).
 fn thread_cpu() -> Duration {
@@ -1241,13 +1249,7 @@ async fn gathered_changes_are_applied_without_more_writes() {
 async fn a_checkpoint_keeps_the_lap_when_a_write_in_place_fails() {
     let dir = tempfile::tempdir().unwrap();
     let (device, store) = answered_with_data_held(dir.path()).await;
-    let fail_the_write = async {
-        // Long enough for the checkpoint to be waiting for the write.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        device.fail_held_writes(true);
-        device.hold_writes_from(None);
-    };
-    let (checkpoint, ()) = tokio::join!(store.flush_and_release(), fail_the_write);
+    let (checkpoint, ()) = tokio::join!(store.flush_and_release(), fail_held_writes_soon(&device));
     assert!(
         checkpoint.is_err(),
         "a checkpoint ended the lap of a record whose data failed to land"
@@ -1275,12 +1277,7 @@ async fn a_sync_keeps_deferred_copies_when_their_data_fails_to_land() {
     device.hold_writes_from(Some(store.journal_blocks()));
     buffered(&store, 2, 2, 1).await;
     assert_eq!(store.deferred_copies().unwrap(), 1, "not deferred");
-    let fail_the_write = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        device.fail_held_writes(true);
-        device.hold_writes_from(None);
-    };
-    let (sync, ()) = tokio::join!(store.flush(), fail_the_write);
+    let (sync, ()) = tokio::join!(store.flush(), fail_held_writes_soon(&device));
     assert!(
         sync.is_err(),
         "a sync deleted the copy of deferred data that failed to land"
