@@ -139,6 +139,7 @@ pub fn pg_ls(mon: &str, pool: &str, as_json: bool) -> anyhow::Result<()> {
             for seed in 0..pg_count {
                 let pg = PgId::new(pool_id, seed);
                 let (mut state, members) = pg_state(&map, &placer, pg);
+                let mut error = None;
                 let objects = match client.pg_stat(pg).await {
                     Ok((count, phase)) => {
                         // The primary's peering phase refines the map's view:
@@ -154,7 +155,17 @@ pub fn pg_ls(mon: &str, pool: &str, as_json: bool) -> anyhow::Result<()> {
                         Some(count)
                     }
                     Err(e) => {
+                        // The map alone cannot tell a clean PG from one that
+                        // is peering or backfilling (a stand-in makes the
+                        // set whole at once): without its primary's word the
+                        // state is unknown, as Ceph shows a PG no OSD
+                        // reported. (A PG the map already calls inactive
+                        // stays so.)
                         tracing::debug!("object count of {pg}: {e}");
+                        if state.starts_with("active") {
+                            state = "unknown".into();
+                        }
+                        error = Some(e.to_string());
                         None
                     }
                 };
@@ -162,6 +173,7 @@ pub fn pg_ls(mon: &str, pool: &str, as_json: bool) -> anyhow::Result<()> {
                 entries.push(json!({
                     "pg": pg.to_string(), "acting": members.iter().map(|m| m.0).collect::<Vec<_>>(),
                     "primary": members.first().map(|m| m.0), "state": state, "objects": objects,
+                    "error": error,
                 }));
                 rows.push(vec![
                     pg.to_string(),

@@ -250,18 +250,24 @@ async fn stand_ins_are_backfilled_to_identical_copies() {
         m.osds.values().any(|o| !o.in_)
     })
     .await;
+    // The backfill shows before the wait for clean: `pg ls` may still show
+    // every PG clean just after the map change, before the primaries took
+    // it up (a run once ended here with nothing seen).
+    let backfilling = |s: &String| {
+        s.strip_prefix("active+backfilling+degraded ")
+            .and_then(|progress| progress.split_once('/'))
+            .is_some_and(|(done, all)| done.parse::<u64>().is_ok() && all.parse::<u64>().is_ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !states.lock().unwrap().iter().any(backfilling) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     wait_for_pgs(&cluster.mon_list(), "active+clean");
     watching.store(false, std::sync::atomic::Ordering::Relaxed);
     watcher.join().unwrap();
     let states = states.lock().unwrap().clone();
     assert!(
-        states.iter().any(|s| {
-            s.strip_prefix("active+backfilling+degraded ")
-                .and_then(|progress| progress.split_once('/'))
-                .is_some_and(|(done, all)| {
-                    done.parse::<u64>().is_ok() && all.parse::<u64>().is_ok()
-                })
-        }),
+        states.iter().any(backfilling),
         "pg ls never showed a stand-in being backfilled with progress: {states:?}"
     );
 
