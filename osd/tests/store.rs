@@ -1781,3 +1781,232 @@ async fn model_run(seed: u64) {
         .close()
         .await;
 }
+
+/// Writes a 1 MiB object whole, then every other block of it again
+/// (copy-on-write scatters those), leaving block 10 a hole; flushes.
+/// Returns what the object holds and its version.
+async fn scattered_object<D: BlockDevice>(
+    store: &ObjectStore<D>,
+    object: &ObjectKey,
+) -> (Vec<u8>, u64) {
+    let mut expected = pattern(300, 256 * BLOCK_BYTES);
+    store.write(object, 0, &expected, 1).await.unwrap();
+    let mut version = 1;
+    for i in (0..256u64).step_by(2) {
+        version += 1;
+        let data = pattern(400 + i, BLOCK_BYTES);
+        store.write(object, i * B, &data, version).await.unwrap();
+        expected[(i * B) as usize..((i + 1) * B) as usize].copy_from_slice(&data);
+    }
+    version += 1;
+    store.discard(object, 10 * B, B, version).await.unwrap();
+    expected[(10 * B) as usize..(11 * B) as usize].fill(0);
+    store.flush().await.unwrap();
+    (expected, version)
+}
+
+/// Device reads a 1 MiB read of `object` takes: runs of consecutive disk
+/// blocks for consecutive object blocks.
+async fn runs_of<D: BlockDevice>(store: &ObjectStore<D>, object: &ObjectKey) -> usize {
+    let placement = store.block_placement(object).await.unwrap();
+    1 + placement
+        .windows(2)
+        .filter(|pair| pair[1].0 != pair[0].0 + 1 || pair[1].1 != pair[0].1 + 1)
+        .count()
+}
+
+/// A 1 MiB read of an object whose blocks random overwrites scattered
+/// queues its range; the relocation writes it into one run (the hole
+/// stays a hole: two runs), with the same bytes, crcs and version, and
+/// frees the old blocks once synced; a read of the relocated range queues
+/// nothing; it all survives a reopen and fsck finds it clean.
+#[tokio::test]
+async fn scattered_reads_are_relocated_into_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = uring_store(dir.path(), 64 << 20).await;
+    let object = key(5, 0);
+    let (expected, version) = scattered_object(&store, &object).await;
+    let scattered = runs_of(&store, &object).await;
+    assert!(scattered > 100, "only {scattered} runs: not scattered");
+    let (free_before, _) = store.space();
+    // A small read does not queue anything; a large one does.
+    store.read(&object, 0, 16 * B).await.unwrap();
+    assert_eq!(store.scattered_waiting(), 0);
+    assert_eq!(
+        &store.read(&object, 0, 256 * B).await.unwrap()[..],
+        &expected[..]
+    );
+    assert_eq!(store.scattered_waiting(), 1);
+
+    assert_eq!(store.relocate_scattered().await.unwrap(), 255);
+    assert_eq!(store.relocated_blocks(), 255);
+    assert_eq!(
+        runs_of(&store, &object).await,
+        2,
+        "not one run on each side of the hole"
+    );
+    assert_eq!(
+        &store.read(&object, 0, 256 * B).await.unwrap()[..],
+        &expected[..]
+    );
+    assert_eq!(
+        store.scattered_waiting(),
+        0,
+        "a relocated range was queued again"
+    );
+    assert_eq!(store.version(&object).await.unwrap(), Some(version));
+    // The old blocks stay allocated until a sync: a power loss before it
+    // brings back the entries pointing at them.
+    assert_eq!(store.space().0, free_before - 255);
+    // They come free with the next sync: nothing leaked.
+    store.flush().await.unwrap();
+    assert_eq!(store.space().0, free_before);
+    store.close().await;
+
+    let store = ObjectStore::open_dir(dir.path(), StoreConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        &store.read(&object, 0, 256 * B).await.unwrap()[..],
+        &expected[..]
+    );
+    assert_eq!(runs_of(&store, &object).await, 2);
+    assert_clean_and_close(store).await;
+}
+
+/// A queued range written after its read is left as it is (relocating
+/// what the read saw would bring back the data the write replaced), and
+/// stores that do not relocate queue nothing.
+#[tokio::test]
+async fn a_range_written_after_its_read_is_not_relocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = uring_store(dir.path(), 64 << 20).await;
+    let object = key(5, 1);
+    let (mut expected, version) = scattered_object(&store, &object).await;
+    store.read(&object, 0, 256 * B).await.unwrap();
+    assert_eq!(store.scattered_waiting(), 1);
+    let data = pattern(999, BLOCK_BYTES);
+    store
+        .write(&object, 77 * B, &data, version + 1)
+        .await
+        .unwrap();
+    expected[(77 * B) as usize..(78 * B) as usize].copy_from_slice(&data);
+    assert_eq!(store.relocate_scattered().await.unwrap(), 0);
+    assert_eq!(
+        &store.read(&object, 0, 256 * B).await.unwrap()[..],
+        &expected[..]
+    );
+    store.close().await;
+
+    let config = StoreConfig {
+        relocate_scattered: false,
+        ..StoreConfig::default()
+    };
+    let store = ObjectStore::open_dir(dir.path(), config).await.unwrap();
+    store.read(&object, 0, 256 * B).await.unwrap();
+    assert_eq!(store.scattered_waiting(), 0);
+    assert_clean_and_close(store).await;
+}
+
+/// A relocation is a buffered change: a power loss before the next sync
+/// brings back the old block entries, and the old blocks still hold their
+/// data, even after small writes (which fill single holes) took space
+/// meanwhile and the device kept them.
+#[tokio::test]
+async fn a_power_loss_after_a_relocation_keeps_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    let object = key(5, 2);
+    let (expected, _) = scattered_object(&store, &object).await;
+    let meta = dir.path().join("meta-before");
+    store.snapshot_metadata(&meta).unwrap();
+    store.read(&object, 0, 256 * B).await.unwrap();
+    assert_eq!(store.relocate_scattered().await.unwrap(), 255);
+    // Small writes fill single holes: the old blocks, were they free.
+    for i in 0..128u64 {
+        let data = pattern(500 + i, BLOCK_BYTES);
+        store
+            .write_with(
+                &key(5, 3),
+                (255 - 2 * i) * B,
+                &data,
+                i + 1,
+                Durability::Buffered,
+            )
+            .await
+            .unwrap();
+    }
+    let store = power_cycle_to(store, &device, &meta, |_| true).await;
+    assert_eq!(
+        &store.read(&object, 0, 256 * B).await.unwrap()[..],
+        &expected[..]
+    );
+    assert!(
+        runs_of(&store, &object).await > 100,
+        "the relocation outlived the power loss"
+    );
+    assert_clean_and_close(store).await;
+}
+
+/// RocksDB may make the relocation's unsynced entries durable before any
+/// sync (a memtable flush): the new run must be on the device by then, or
+/// a power loss leaves entries pointing at data it never kept.
+#[tokio::test]
+async fn a_relocation_is_on_the_device_before_its_entries_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    let object = key(5, 4);
+    let (expected, _) = scattered_object(&store, &object).await;
+    store.read(&object, 0, 256 * B).await.unwrap();
+    assert_eq!(store.relocate_scattered().await.unwrap(), 255);
+    let meta = dir.path().join("meta-after");
+    store.snapshot_metadata(&meta).unwrap();
+    let store = power_cycle_to(store, &device, &meta, |_| false).await;
+    assert_eq!(
+        runs_of(&store, &object).await,
+        2,
+        "the relocation's entries were lost"
+    );
+    assert_eq!(
+        &store.read(&object, 0, 256 * B).await.unwrap()[..],
+        &expected[..]
+    );
+    assert_clean_and_close(store).await;
+}
+
+/// Reads split by holes alone are not queued (no relocation joins them),
+/// nor are ranges sharing blocks with a snapshot (moving them would copy
+/// the blocks), nor small reads.
+#[tokio::test]
+async fn holes_shared_blocks_and_small_reads_are_not_relocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = uring_store(dir.path(), 64 << 20).await;
+    let holes = key(5, 5);
+    for i in (0..256u64).step_by(2) {
+        let data = pattern(600 + i, BLOCK_BYTES);
+        store.write(&holes, i * B, &data, i + 1).await.unwrap();
+    }
+    store.read(&holes, 0, 256 * B).await.unwrap();
+    assert_eq!(store.scattered_waiting(), 0, "holes alone queued a range");
+
+    let object = key(5, 6);
+    let (expected, version) = scattered_object(&store, &object).await;
+    store.read(&object, 0, 16 * B).await.unwrap();
+    assert_eq!(store.scattered_waiting(), 0, "a 64 KiB read queued a range");
+    store
+        .clone_object(&object, &key(5, 7), version)
+        .await
+        .unwrap();
+    assert_eq!(
+        &store.read(&object, 0, 256 * B).await.unwrap()[..],
+        &expected[..]
+    );
+    assert_eq!(
+        store.scattered_waiting(),
+        0,
+        "a snapshot's blocks were queued"
+    );
+    assert_clean_and_close(store).await;
+}

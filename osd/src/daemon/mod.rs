@@ -25,7 +25,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{ObjectStore, StoreConfig, StoreError};
+use crate::store::{ObjectStore, StoreConfig, StoreError, UringDevice};
 pub use service::{OsdService, PgPhase, RecoveryConfig};
 
 /// Requests one connection may have in flight.
@@ -196,6 +196,7 @@ pub async fn run_with_local(
         config.recovery,
     ));
     let recovery = tokio::spawn(service.clone().run_recovery(shutdown.clone()));
+    let relocator = tokio::spawn(relocate_scattered(store.clone(), shutdown.clone()));
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| OsdError::Listen {
@@ -227,6 +228,7 @@ pub async fn run_with_local(
         }
     }
     let _ = recovery.await;
+    let _ = relocator.await;
     // Requests already running (from sockets or an in-process gateway)
     // finish first, so the store can be closed (a journal checkpoint; the
     // next open has nothing to replay). Bounded: a stuck request must not
@@ -243,6 +245,33 @@ pub async fn run_with_local(
         ),
     }
     Ok(())
+}
+
+/// Writes the ranges large reads found scattered into one run each
+/// (`ObjectStore::relocate_scattered`), as reads queue them.
+async fn relocate_scattered(store: Arc<ObjectStore<UringDevice>>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = store.scattered_ready() => {}
+        }
+        // One range at a time, so that shutdown does not wait for the
+        // queue (or for a range whose object a stuck request holds).
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = store.relocate_next() => next,
+            };
+            match next {
+                None => break,
+                Some(Ok(0)) => {}
+                Some(Ok(blocks)) => {
+                    tracing::debug!(blocks, "relocated scattered blocks into a run")
+                }
+                Some(Err(e)) => tracing::warn!("relocating scattered blocks: {e}"),
+            }
+        }
+    }
 }
 
 async fn boot(mon: &MonClient, config: &OsdConfig, id: Option<u32>) -> Result<OsdId, OsdError> {

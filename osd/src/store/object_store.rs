@@ -63,6 +63,19 @@
 //! Block entries come from one RocksDB range scan, contiguous disk runs are
 //! read with one I/O each, and every block is checked against its crc32c
 //! before a byte is returned. Holes read as zeros.
+//!
+//! # Relocating scattered blocks
+//! Copy-on-write scatters: each 4 KiB overwrite puts its block somewhere
+//! else, and a 1 MiB read of data overwritten at random becomes up to 256
+//! device reads. A large read that finds its blocks in short runs (fewer
+//! than `RELOCATE_BLOCKS_PER_READ` per device read on average) queues the
+//! range with the data it read; `relocate_scattered` (a background task of
+//! the OSD) writes each queued range into one new run, under the object's
+//! lock and only if its blocks are still the ones read, flushes it, and
+//! commits the new block entries (same crcs, same version: nothing a
+//! replica or a scrub compares changes) as a buffered change; the old
+//! blocks are freed like an overwrite's. The data comes from the read, checked against its crcs, so
+//! a relocation costs one sequential write and no read.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,6 +128,18 @@ const DEFER_MAX_BYTES: usize = 32 << 10;
 /// --deferred-writes-in-flight 8`) where the disk's write latency, not CPU,
 /// bounds a client: hard disks, slow network block devices.
 pub const DEFERRED_WRITES_IN_FLIGHT: usize = 0;
+/// Reads of at least this many present blocks (128 KiB) may find their
+/// range scattered ("Relocating scattered blocks" above).
+const RELOCATE_MIN_BLOCKS: usize = 32;
+/// A range is scattered when it takes a device read per fewer than this
+/// many blocks (64 KiB) on average.
+const RELOCATE_BLOCKS_PER_READ: usize = 16;
+/// Data of scattered ranges waiting for `relocate_scattered`, at most;
+/// more are not queued.
+const RELOCATE_QUEUE_MAX_BYTES: usize = 8 << 20;
+/// Ranges relocated side by side: each ends with a device flush, and
+/// flushes in flight together cost about one.
+const RELOCATE_AT_ONCE: usize = 4;
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -131,6 +156,9 @@ pub struct StoreConfig {
     /// wait for their data write like larger ones. Default
     /// `DEFERRED_WRITES_IN_FLIGHT` (off; see there why).
     pub deferred_writes_in_flight: usize,
+    /// Queue ranges that large reads found scattered, for
+    /// `relocate_scattered` to write into one run each. Default on.
+    pub relocate_scattered: bool,
 }
 
 impl Default for StoreConfig {
@@ -140,6 +168,7 @@ impl Default for StoreConfig {
             uring: UringConfig::default(),
             map_cache_objects: 1024,
             deferred_writes_in_flight: DEFERRED_WRITES_IN_FLIGHT,
+            relocate_scattered: true,
         }
     }
 }
@@ -235,7 +264,21 @@ struct Inner<D> {
     /// plus one (0: never).
     flushed_at: std::sync::atomic::AtomicU64,
     opened: Instant,
+    /// Ranges large reads found scattered, oldest first.
+    scattered: Mutex<Vec<Scattered>>,
+    scattered_ready: tokio::sync::Notify,
+    /// Blocks `relocate_scattered` moved since open.
+    relocated_blocks: std::sync::atomic::AtomicU64,
     config: StoreConfig,
+}
+
+/// A range a large read found scattered, with what it read: the entries
+/// (to tell whether the range changed since) and the data (checked).
+struct Scattered {
+    key: ObjectKey,
+    first: u32,
+    entries: Vec<Option<BlockEntry>>,
+    data: Bytes,
 }
 
 /// The object store of one OSD.
@@ -480,6 +523,9 @@ impl<D: BlockDevice> ObjectStore<D> {
                 maps: MapCache::new(config.map_cache_objects),
                 flushed_at: std::sync::atomic::AtomicU64::new(0),
                 opened: Instant::now(),
+                scattered: Mutex::new(Vec::new()),
+                scattered_ready: tokio::sync::Notify::new(),
+                relocated_blocks: std::sync::atomic::AtomicU64::new(0),
                 config,
             }),
             committer,
@@ -1259,9 +1305,252 @@ impl<D: BlockDevice> ObjectStore<D> {
             Some(buf) => Ok((Bytes::from_owner(buf), crcs)),
             None => {
                 out.resize(len as usize, 0);
-                Ok((out.freeze(), crcs))
+                let data = out.freeze();
+                self.note_scattered(key, first, entries, runs.len(), &data);
+                Ok((data, crcs))
             }
         }
+    }
+
+    /// Queues a range just read for `relocate_scattered` when its blocks
+    /// lie in short runs (`reads` device reads, against the fewest its
+    /// holes allow) and none is shared (a snapshot's block would be
+    /// copied, not moved).
+    fn note_scattered(
+        &self,
+        key: &ObjectKey,
+        first: u32,
+        entries: Vec<Option<BlockEntry>>,
+        reads: usize,
+        data: &Bytes,
+    ) {
+        if !self.inner.config.relocate_scattered || self.inner.failed.load(Ordering::Relaxed) {
+            return;
+        }
+        let present = entries.iter().flatten().count();
+        // Holes split reads too, and no relocation removes those splits:
+        // only the reads past the fewest count.
+        let fewest = fewest_reads(&entries);
+        if present < RELOCATE_MIN_BLOCKS
+            || reads.saturating_sub(fewest) * RELOCATE_BLOCKS_PER_READ <= present
+        {
+            return;
+        }
+        {
+            let allocator = self.allocator();
+            if entries
+                .iter()
+                .flatten()
+                .any(|e| allocator.is_shared(e.disk_block))
+            {
+                return;
+            }
+        }
+        let mut queue = self.scattered();
+        let queued: usize = queue.iter().map(|s| s.data.len()).sum();
+        if queued + data.len() > RELOCATE_QUEUE_MAX_BYTES
+            || queue.iter().any(|s| s.key == *key && s.first == first)
+        {
+            return;
+        }
+        queue.push(Scattered {
+            key: *key,
+            first,
+            entries,
+            data: data.clone(),
+        });
+        drop(queue);
+        self.inner.scattered_ready.notify_one();
+    }
+
+    fn scattered(&self) -> std::sync::MutexGuard<'_, Vec<Scattered>> {
+        self.inner
+            .scattered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends once a large read queued a scattered range (at once if one
+    /// did since the last call).
+    pub async fn scattered_ready(&self) {
+        self.inner.scattered_ready.notified().await;
+    }
+
+    /// Scattered ranges queued and not relocated yet.
+    pub fn scattered_waiting(&self) -> usize {
+        self.scattered().len()
+    }
+
+    /// Blocks relocated since open.
+    pub fn relocated_blocks(&self) -> u64 {
+        self.inner.relocated_blocks.load(Ordering::Relaxed)
+    }
+
+    /// Writes each queued scattered range into one new run, oldest first
+    /// (`relocate_next` until none is left); returns the blocks moved, or
+    /// the first error (the other ranges are relocated still).
+    pub async fn relocate_scattered(&self) -> Result<u64, StoreError> {
+        let (mut moved, mut error) = (0, None);
+        while let Some(result) = self.relocate_next().await {
+            match result {
+                Ok(blocks) => moved += blocks,
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        error.map_or(Ok(moved), Err)
+    }
+
+    /// Writes the oldest queued scattered ranges (up to
+    /// `RELOCATE_AT_ONCE`, side by side) into one new run each
+    /// ("Relocating scattered blocks" above) and returns the blocks moved,
+    /// or the first error; `None` when none is queued. A range written
+    /// since its read, shared since, or one no long enough hole is free
+    /// for, is dropped: its next read decides again. Cancelling it leaves
+    /// the ranges where they were (the blocks it allocated are lost until
+    /// the next open).
+    pub async fn relocate_next(&self) -> Option<Result<u64, StoreError>> {
+        let ranges: Vec<Scattered> = {
+            let mut queue = self.scattered();
+            let take = queue.len().min(RELOCATE_AT_ONCE);
+            queue.drain(..take).collect()
+        };
+        if ranges.is_empty() {
+            return None;
+        }
+        let (mut moved, mut error) = (0, None);
+        for result in join_all(ranges.into_iter().map(|range| self.relocate(range))).await {
+            match result {
+                Ok(blocks) => moved += blocks,
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        self.inner
+            .relocated_blocks
+            .fetch_add(moved, Ordering::Relaxed);
+        Some(error.map_or(Ok(moved), Err))
+    }
+
+    async fn relocate(&self, range: Scattered) -> Result<u64, StoreError> {
+        self.check_failed()?;
+        let Scattered {
+            key,
+            first,
+            entries,
+            data,
+        } = range;
+        let _guard = self.lock(&key).write().await;
+        if self.entries(&key, first, entries.len() as u32)? != entries {
+            return Ok(0);
+        }
+        // A clone since the read shares the blocks (it needs this lock, so
+        // they stay as they are now).
+        {
+            let allocator = self.allocator();
+            if entries
+                .iter()
+                .flatten()
+                .any(|e| allocator.is_shared(e.disk_block))
+            {
+                return Ok(0);
+            }
+        }
+        let present: Vec<(usize, BlockEntry)> = entries
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, entry)| entry.map(|e| (slot, e)))
+            .collect();
+        let runs = match self.allocate(present.len() as u64, Placement::NewRun) {
+            Ok(runs) => runs,
+            Err(StoreError::NoSpace { .. }) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        // Only worth a write when the range ends up in (almost) the fewest
+        // runs it fits in.
+        if runs.len() > present.len().div_ceil(MAX_RUN_BLOCKS as usize) + 1 {
+            self.allocator().free_runs(&runs);
+            return Ok(0);
+        }
+        let mut ops = Vec::with_capacity(present.len());
+        let mut moved = Vec::with_capacity(present.len());
+        let mut buffers = Vec::with_capacity(runs.len());
+        let mut blocks = present.iter();
+        for run in &runs {
+            let mut buf = self.inner.device.buffer(run.len as usize * BLOCK_BYTES);
+            for (i, disk_block) in (run.start..run.start + run.len as u64).enumerate() {
+                let Some((slot, old)) = blocks.next() else {
+                    break;
+                };
+                let at = slot * BLOCK_BYTES;
+                let block = &data[at..at + BLOCK_BYTES];
+                debug_assert_eq!(
+                    crc32c::crc32c(block),
+                    old.crc,
+                    "relocated data is not the block's"
+                );
+                buf[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES].copy_from_slice(block);
+                let entry = BlockEntry {
+                    disk_block,
+                    crc: old.crc,
+                };
+                let index = first + *slot as u32;
+                ops.push(MetaOp::PutBlock {
+                    key: block_key(&key, index),
+                    entry,
+                });
+                moved.push((index as usize, entry));
+            }
+            buffers.push((run.start, buf));
+        }
+        let writes = buffers
+            .into_iter()
+            .map(|(start, buf)| self.inner.device.write(start, buf));
+        let written = match join_all(writes)
+            .await
+            .into_iter()
+            .find_map(|(_, r)| r.err())
+        {
+            None => self.inner.device.flush().await,
+            Some(e) => Err(e),
+        };
+        // Flushed before the entries are committed: the data may have been
+        // flushed by a client already, and RocksDB may make an unsynced
+        // batch durable on its own (a memtable flush) before the next sync
+        // flushes the device; its entries must never point at data the
+        // device could still lose.
+        if let Err(source) = written {
+            self.allocator().free_runs(&runs);
+            return Err(StoreError::Io {
+                op: "relocate data",
+                source,
+            });
+        }
+        let release = match self
+            .release(present.iter().map(|(_, e)| e.disk_block).collect())
+            .await
+        {
+            Ok(release) => release,
+            Err(e) => {
+                self.allocator().free_runs(&runs);
+                return Err(e);
+            }
+        };
+        // No version change: the object's contents are the same.
+        let map = self.inner.maps.take(&key);
+        self.commit_release(ops, false, Durability::Buffered, release, Vec::new())
+            .await?;
+        if let Some(mut map) = map {
+            for (index, entry) in &moved {
+                if let Some(slot) = map.blocks.get_mut(*index) {
+                    *slot = Some(*entry);
+                }
+            }
+            self.inner.maps.insert(&key, map);
+        }
+        Ok(moved.len() as u64)
     }
 
     /// Makes a range read as zeros. With `allocate`, zero blocks are written
@@ -2527,6 +2816,17 @@ fn in_data_area(superblock: &Superblock, start: u64, len: usize) -> bool {
         && start
             .checked_add(blocks)
             .is_some_and(|end| end <= superblock.block_count)
+}
+
+/// The fewest device reads that can cover `entries` (a range's block
+/// entries, `None` for holes): one per stretch of present blocks, each at
+/// most `MAX_RUN_BLOCKS` long.
+fn fewest_reads(entries: &[Option<BlockEntry>]) -> usize {
+    entries
+        .chunk_by(|a, b| a.is_some() == b.is_some())
+        .filter(|stretch| stretch[0].is_some())
+        .map(|stretch| stretch.len().div_ceil(MAX_RUN_BLOCKS as usize))
+        .sum()
 }
 
 /// A buffer of `device`'s (aligned for its I/O) holding a copy of `data`.
