@@ -1805,6 +1805,18 @@ async fn scattered_object<D: BlockDevice>(
     (expected, version)
 }
 
+/// A store on a fresh `MemDevice` holding `scattered_object` at `object`;
+/// returns the device, the store and what the object holds.
+async fn scattered_on_mem_device(
+    dir: &std::path::Path,
+    object: &ObjectKey,
+) -> (Arc<MemDevice>, ObjectStore<Arc<MemDevice>>, Vec<u8>) {
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir).await;
+    let (expected, _) = scattered_object(&store, object).await;
+    (device, store, expected)
+}
+
 /// Device reads a 1 MiB read of `object` takes: runs of consecutive disk
 /// blocks for consecutive object blocks.
 async fn runs_of<D: BlockDevice>(store: &ObjectStore<D>, object: &ObjectKey) -> usize {
@@ -1915,10 +1927,8 @@ async fn a_range_written_after_its_read_is_not_relocated() {
 #[tokio::test]
 async fn a_power_loss_after_a_relocation_keeps_the_data() {
     let dir = tempfile::tempdir().unwrap();
-    let device = Arc::new(MemDevice::new(4096));
-    let store = mem_store(&device, dir.path()).await;
     let object = key(5, 2);
-    let (expected, _) = scattered_object(&store, &object).await;
+    let (device, store, expected) = scattered_on_mem_device(dir.path(), &object).await;
     let meta = dir.path().join("meta-before");
     store.snapshot_metadata(&meta).unwrap();
     store.read(&object, 0, 256 * B).await.unwrap();
@@ -1955,10 +1965,8 @@ async fn a_power_loss_after_a_relocation_keeps_the_data() {
 #[tokio::test]
 async fn a_relocation_is_on_the_device_before_its_entries_are() {
     let dir = tempfile::tempdir().unwrap();
-    let device = Arc::new(MemDevice::new(4096));
-    let store = mem_store(&device, dir.path()).await;
     let object = key(5, 4);
-    let (expected, _) = scattered_object(&store, &object).await;
+    let (device, store, expected) = scattered_on_mem_device(dir.path(), &object).await;
     store.read(&object, 0, 256 * B).await.unwrap();
     assert_eq!(store.relocate_scattered().await.unwrap(), 255);
     let meta = dir.path().join("meta-after");
@@ -2008,5 +2016,45 @@ async fn holes_shared_blocks_and_small_reads_are_not_relocated() {
         0,
         "a snapshot's blocks were queued"
     );
+    assert_clean_and_close(store).await;
+}
+
+/// A write that comes while its range is being relocated waits for the
+/// relocation (the object's lock) and is what reads see afterwards: a
+/// relocation committing after it would put the old block back.
+#[tokio::test]
+async fn a_write_during_a_relocation_waits_for_it_and_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let object = key(5, 8);
+    let (device, store, mut expected) = scattered_on_mem_device(dir.path(), &object).await;
+    let store = Arc::new(store);
+    store.read(&object, 0, 256 * B).await.unwrap();
+    // The relocation's data write is held; the journal's are not.
+    device.hold_writes_from(Some(store.journal_blocks()));
+    let relocation = tokio::spawn({
+        let store = store.clone();
+        async move { store.relocate_scattered().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let data = pattern(777, BLOCK_BYTES);
+    let write = tokio::spawn({
+        let (store, data) = (store.clone(), data.clone());
+        async move {
+            store
+                .write_with(&object, 33 * B, &data, 1_000, Durability::Buffered)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!write.is_finished(), "the write went past the relocation");
+    device.hold_writes_from(None);
+    assert_eq!(relocation.await.unwrap().unwrap(), 255);
+    write.await.unwrap().unwrap();
+    expected[(33 * B) as usize..(34 * B) as usize].copy_from_slice(&data);
+    assert_eq!(
+        &store.read(&object, 0, 256 * B).await.unwrap()[..],
+        &expected[..]
+    );
+    let store = Arc::into_inner(store).unwrap();
     assert_clean_and_close(store).await;
 }

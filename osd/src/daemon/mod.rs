@@ -255,8 +255,9 @@ async fn relocate_scattered(store: Arc<ObjectStore<UringDevice>>, shutdown: Canc
             _ = shutdown.cancelled() => return,
             _ = store.scattered_ready() => {}
         }
-        // One range at a time, so that shutdown does not wait for the
-        // queue (or for a range whose object a stuck request holds).
+        // A few ranges at a time (`relocate_next`), so that shutdown does
+        // not wait for the queue (or for a range whose object a stuck
+        // request holds).
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
