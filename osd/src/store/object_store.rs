@@ -74,8 +74,9 @@
 //! lock and only if its blocks are still the ones read, flushes it, and
 //! commits the new block entries (same crcs, same version: nothing a
 //! replica or a scrub compares changes) as a buffered change; the old
-//! blocks are freed like an overwrite's. The data comes from the read, checked against its crcs, so
-//! a relocation costs one sequential write and no read.
+//! blocks are freed like an overwrite's. The data comes from the read,
+//! checked against its crcs, so a relocation costs one sequential write
+//! and a flush, and no read.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
