@@ -59,11 +59,12 @@ pub struct OsdArgs {
     /// turns deferred writes off.
     #[arg(long, default_value_t = basalt_osd::store::DEFERRED_WRITES_IN_FLIGHT)]
     deferred_writes_in_flight: usize,
-    /// Rewrite ranges that large reads find scattered over many small runs
-    /// (random overwrites move the blocks they write) into one run each,
-    /// in the background, so later large reads of them are one device read.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    relocate_scattered: bool,
+    /// Pace, per second (e.g. 128M), of rewriting the ranges that large
+    /// reads find scattered over many small runs (random overwrites move
+    /// the blocks they write) into one run each, in the background, so
+    /// later large reads of them are one device read; 0 turns it off.
+    #[arg(long, default_value = "128M")]
+    relocate_bytes_per_sec: String,
     /// Also serve NBD on this address, in this process (a node daemon): the
     /// gateway reaches this OSD without a socket, so volumes homed on this
     /// host skip a network hop. Other OSDs are reached over TCP as usual.
@@ -155,7 +156,7 @@ fn run_daemon(args: OsdArgs, mon: &str) -> anyhow::Result<()> {
         },
         store: StoreConfig {
             deferred_writes_in_flight: args.deferred_writes_in_flight,
-            relocate_scattered: args.relocate_scattered,
+            relocate_bytes_per_sec: parse_size(&args.relocate_bytes_per_sec)?,
             ..StoreConfig::default()
         },
     };

@@ -1911,7 +1911,7 @@ async fn a_range_written_after_its_read_is_not_relocated() {
     store.close().await;
 
     let config = StoreConfig {
-        relocate_scattered: false,
+        relocate_bytes_per_sec: 0,
         ..StoreConfig::default()
     };
     let store = ObjectStore::open_dir(dir.path(), config).await.unwrap();

@@ -416,7 +416,10 @@ impl Drop for DevCluster {
 
 impl DevCluster {
     /// SIGKILLs the process named `name` (as in `cluster.json`, e.g.
-    /// `osd-node2-0`); returns its pid.
+    /// `osd-node2-0`) and waits until it is gone (a zombie at most);
+    /// returns its pid. Dying takes a while (an OSD's io_uring waits for
+    /// its I/O in flight): `up_again` right after a bare SIGKILL found the
+    /// OSD still running and did not restart it.
     pub fn kill(&self, name: &str) -> u32 {
         let pid = self
             .processes()
@@ -426,7 +429,22 @@ impl DevCluster {
             .unwrap_or_else(|| panic!("no process {name} in cluster.json"));
         // SAFETY: SIGKILL to a daemon this cluster started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        pid
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().to_string())
+                });
+            match state {
+                Some(rest) if !rest.starts_with('Z') => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => return pid,
+            }
+        }
+        panic!("{name} (pid {pid}) still running 10 s after SIGKILL");
     }
 
     /// Returns (kind, name, pid) of every process the cluster started.

@@ -25,7 +25,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{ObjectStore, StoreConfig, StoreError, UringDevice};
+use crate::store::{BLOCK_BYTES, ObjectStore, StoreConfig, StoreError, UringDevice};
 pub use service::{OsdService, PgPhase, RecoveryConfig};
 
 /// Requests one connection may have in flight.
@@ -248,7 +248,8 @@ pub async fn run_with_local(
 }
 
 /// Writes the ranges large reads found scattered into one run each
-/// (`ObjectStore::relocate_scattered`), as reads queue them.
+/// (`ObjectStore::relocate_scattered`), as reads queue them, at most
+/// `StoreConfig::relocate_bytes_per_sec` on average.
 async fn relocate_scattered(store: Arc<ObjectStore<UringDevice>>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
@@ -267,7 +268,14 @@ async fn relocate_scattered(store: Arc<ObjectStore<UringDevice>>, shutdown: Canc
                 None => break,
                 Some(Ok(0)) => {}
                 Some(Ok(blocks)) => {
-                    tracing::debug!(blocks, "relocated scattered blocks into a run")
+                    tracing::debug!(blocks, "relocated scattered blocks into a run");
+                    let rate = store.relocate_bytes_per_sec().max(1) as f64;
+                    let pause =
+                        Duration::from_secs_f64((blocks * BLOCK_BYTES as u64) as f64 / rate);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
                 }
                 Some(Err(e)) => tracing::warn!("relocating scattered blocks: {e}"),
             }

@@ -76,7 +76,8 @@
 //! replica or a scrub compares changes) as a buffered change; the old
 //! blocks are freed like an overwrite's. The data comes from the read,
 //! checked against its crcs, so a relocation costs one sequential write
-//! and a flush, and no read.
+//! and a flush, and no read. The caller paces it
+//! (`StoreConfig::relocate_bytes_per_sec`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -141,6 +142,12 @@ const RELOCATE_QUEUE_MAX_BYTES: usize = 8 << 20;
 /// Ranges relocated side by side: each ends with a device flush, and
 /// flushes in flight together cost about one.
 const RELOCATE_AT_ONCE: usize = 4;
+/// Default of `StoreConfig::relocate_bytes_per_sec`. A relocation writes
+/// what a read read, and a range that random writes keep scattering would
+/// be rewritten after every large read of it (btrfs's autodefrag has the
+/// same trap under databases): the pace bounds what relocation can take
+/// from clients. 128 MiB/s rewrites a fragmented 1 GiB in 8 s of reads.
+pub const RELOCATE_BYTES_PER_SEC: u64 = 128 << 20;
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -157,9 +164,11 @@ pub struct StoreConfig {
     /// wait for their data write like larger ones. Default
     /// `DEFERRED_WRITES_IN_FLIGHT` (off; see there why).
     pub deferred_writes_in_flight: usize,
-    /// Queue ranges that large reads found scattered, for
-    /// `relocate_scattered` to write into one run each. Default on.
-    pub relocate_scattered: bool,
+    /// Pace of the relocation of ranges that large reads found scattered
+    /// (`relocate_scattered`), in bytes a second; 0 turns it off (nothing
+    /// is queued). The store only queues; its caller paces (the OSD
+    /// daemon). Default `RELOCATE_BYTES_PER_SEC`.
+    pub relocate_bytes_per_sec: u64,
 }
 
 impl Default for StoreConfig {
@@ -169,7 +178,7 @@ impl Default for StoreConfig {
             uring: UringConfig::default(),
             map_cache_objects: 1024,
             deferred_writes_in_flight: DEFERRED_WRITES_IN_FLIGHT,
-            relocate_scattered: true,
+            relocate_bytes_per_sec: RELOCATE_BYTES_PER_SEC,
         }
     }
 }
@@ -1325,7 +1334,9 @@ impl<D: BlockDevice> ObjectStore<D> {
         reads: usize,
         data: &Bytes,
     ) {
-        if !self.inner.config.relocate_scattered || self.inner.failed.load(Ordering::Relaxed) {
+        if self.inner.config.relocate_bytes_per_sec == 0
+            || self.inner.failed.load(Ordering::Relaxed)
+        {
             return;
         }
         let present = entries.iter().flatten().count();
@@ -1380,6 +1391,11 @@ impl<D: BlockDevice> ObjectStore<D> {
     /// Scattered ranges queued and not relocated yet.
     pub fn scattered_waiting(&self) -> usize {
         self.scattered().len()
+    }
+
+    /// `StoreConfig::relocate_bytes_per_sec` of this store.
+    pub fn relocate_bytes_per_sec(&self) -> u64 {
+        self.inner.config.relocate_bytes_per_sec
     }
 
     /// Blocks relocated since open.
