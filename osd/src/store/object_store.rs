@@ -1335,6 +1335,7 @@ impl<D: BlockDevice> ObjectStore<D> {
         data: &Bytes,
     ) {
         if self.inner.config.relocate_bytes_per_sec == 0
+            || entries.len() < RELOCATE_MIN_BLOCKS
             || self.inner.failed.load(Ordering::Relaxed)
         {
             return;
@@ -1348,15 +1349,8 @@ impl<D: BlockDevice> ObjectStore<D> {
         {
             return;
         }
-        {
-            let allocator = self.allocator();
-            if entries
-                .iter()
-                .flatten()
-                .any(|e| allocator.is_shared(e.disk_block))
-            {
-                return;
-            }
+        if self.shares_blocks(&entries) {
+            return;
         }
         let mut queue = self.scattered();
         let queued: usize = queue.iter().map(|s| s.data.len()).sum();
@@ -1373,6 +1367,15 @@ impl<D: BlockDevice> ObjectStore<D> {
         });
         drop(queue);
         self.inner.scattered_ready.notify_one();
+    }
+
+    /// Whether any of `entries`' blocks is shared with another object.
+    fn shares_blocks(&self, entries: &[Option<BlockEntry>]) -> bool {
+        let allocator = self.allocator();
+        entries
+            .iter()
+            .flatten()
+            .any(|e| allocator.is_shared(e.disk_block))
     }
 
     fn scattered(&self) -> std::sync::MutexGuard<'_, Vec<Scattered>> {
@@ -1465,15 +1468,8 @@ impl<D: BlockDevice> ObjectStore<D> {
         }
         // A clone since the read shares the blocks (it needs this lock, so
         // they stay as they are now).
-        {
-            let allocator = self.allocator();
-            if entries
-                .iter()
-                .flatten()
-                .any(|e| allocator.is_shared(e.disk_block))
-            {
-                return Ok(0);
-            }
+        if self.shares_blocks(&entries) {
+            return Ok(0);
         }
         let present: Vec<(usize, BlockEntry)> = entries
             .iter()
