@@ -54,11 +54,16 @@ pub struct OsdArgs {
     recovery_bytes_per_sec_busy: String,
     /// Small buffered writes (NBD writes without FUA, at most 32 KiB)
     /// acknowledged before their data write lands, at most at once: their
-    /// data goes into the metadata WAL with their block entries. Lower
-    /// latency where the disk is slow, more CPU per write; 0 (the default)
-    /// turns deferred writes off.
+    /// data goes into the buffered-change log with their block entries.
+    /// Lower latency at low queue depth, more CPU per write; 0 turns
+    /// deferred writes off.
     #[arg(long, default_value_t = basalt_osd::store::DEFERRED_WRITES_IN_FLIGHT)]
     deferred_writes_in_flight: usize,
+    /// Defer small buffered writes only while at most this many writes are
+    /// in progress on the OSD's store (and half a write fewer on average
+    /// lately): the store is then bound by the disk's latency, not by CPU.
+    #[arg(long, default_value_t = basalt_osd::store::DEFER_WHILE_WRITES_AT_MOST)]
+    defer_while_writes_at_most: usize,
     /// Pace, per second (e.g. 128M), of rewriting the ranges that large
     /// reads find scattered over many small runs (random overwrites move
     /// the blocks they write) into one run each, in the background, so
@@ -156,6 +161,7 @@ fn run_daemon(args: OsdArgs, mon: &str) -> anyhow::Result<()> {
         },
         store: StoreConfig {
             deferred_writes_in_flight: args.deferred_writes_in_flight,
+            defer_while_writes_at_most: args.defer_while_writes_at_most,
             relocate_bytes_per_sec: parse_size(&args.relocate_bytes_per_sec)?,
             ..StoreConfig::default()
         },

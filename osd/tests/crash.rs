@@ -58,12 +58,13 @@ async fn crash_child() {
         .unwrap()
         .parse()
         .unwrap();
-    // Even rounds: deferred writes on (off by default), small buffered
-    // writes are acknowledged before their data lands. Odd rounds: the
-    // default, their changes wait in the buffered-change log until applied
-    // to RocksDB.
+    // Even rounds: small buffered writes deferred at any depth (by default
+    // only while few writes are in progress), acknowledged before their
+    // data lands. Odd rounds: never deferred, their changes wait in the
+    // buffered-change log until applied to RocksDB.
     let config = StoreConfig {
         deferred_writes_in_flight: if round.is_multiple_of(2) { 8 } else { 0 },
+        defer_while_writes_at_most: usize::MAX,
         ..StoreConfig::default()
     };
     let store = std::sync::Arc::new(ObjectStore::open_dir(&dir, config).await.unwrap());

@@ -56,10 +56,12 @@ async fn uring_store(dir: &std::path::Path, size: u64) -> ObjectStore<UringDevic
         .unwrap()
 }
 
-/// Settings with deferred writes on (they are off by default).
+/// Settings that defer small buffered writes at any depth (by default only
+/// while at most two writes are in progress), up to 8 in flight.
 fn deferring() -> StoreConfig {
     StoreConfig {
         deferred_writes_in_flight: 8,
+        defer_while_writes_at_most: usize::MAX,
         ..StoreConfig::default()
     }
 }
@@ -1261,6 +1263,44 @@ async fn a_checkpoint_keeps_the_lap_when_a_write_in_place_fails() {
     assert_clean_and_close(store).await;
 }
 
+/// By default a small buffered write is deferred only while the store is
+/// latency-bound: written one at a time (a client at iodepth 1), each is;
+/// of many at once, only those that found at most one other in progress.
+/// The deferred ones whose data never reached the device read back after
+/// a kill, from the logged copies.
+#[tokio::test]
+async fn small_writes_are_deferred_one_at_a_time_and_not_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    // These writes in place never reach the device.
+    device.lose_writes(true);
+    for object in 1..=8 {
+        buffered(&store, object, object, 1).await;
+    }
+    assert_eq!(
+        store.deferred_writes(),
+        8,
+        "writes one at a time were not all deferred"
+    );
+    device.lose_writes(false);
+
+    let writes = (11..=42).map(|object| buffered(&store, object, object, 1));
+    futures::future::join_all(writes).await;
+    let deferred = store.deferred_writes() - 8;
+    assert!(
+        deferred <= 2,
+        "{deferred} of 32 writes at once were deferred (at most the first two may be)"
+    );
+    store.kill().await;
+
+    let store = mem_store(&device, dir.path()).await;
+    assert_eq!(store.deferred_copies().unwrap(), 0, "open left copies");
+    let written: Vec<_> = (1..=8).chain(11..=42).map(|o| (o, o, 1)).collect();
+    assert_holds_buffered(&store, &written).await;
+    assert_clean_and_close(store).await;
+}
+
 /// The same for deferred writes: a sync waits for their data before it
 /// deletes their copies in RocksDB; when the data fails to land, the copy
 /// is the only one, and the sync fails without deleting it.
@@ -1619,12 +1659,12 @@ async fn random_operations_read_back_what_a_model_says() {
 async fn model_run(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let device = Arc::new(MemDevice::new(16384));
-    // Even seeds defer small buffered writes, odd ones run the default
-    // (no deferral).
+    // Even seeds defer small buffered writes at any depth, odd ones never.
     let deferring = seed.is_multiple_of(2);
     let config = StoreConfig {
         map_cache_objects: 2,
         deferred_writes_in_flight: if deferring { 8 } else { 0 },
+        defer_while_writes_at_most: usize::MAX,
         ..StoreConfig::default()
     };
     let store = ObjectStore::open(device.clone(), &dir.path().join("meta"), config.clone())

@@ -1,8 +1,9 @@
 //! `BufferedLog`: the metadata changes of buffered writes (NBD writes without
 //! FUA), kept in a memory-mapped file until they are applied to RocksDB.
 //!
-//! A buffered write is acknowledged once its data write completed and its
-//! changes are here: a copy into a shared mapping of a file, no system call
+//! A buffered write is acknowledged once its data write completed (or, a
+//! deferred one, its data's copy is here too) and its changes are here: a
+//! copy into a shared mapping of a file, no system call
 //! and no RocksDB memtable insert on the write's path (they were 18% of the
 //! OSD's CPU at homed QD1 4 KiB writes, ~11 µs per write). The store applies
 //! the changes to RocksDB right after the writers are answered (`MetaStore`
@@ -38,8 +39,8 @@ use super::meta::MetaOp;
 /// make).
 pub const LOG_FILE: &str = "BASALT-BUFFERED";
 /// Size of the mapped file: a record is at most one group's changes (64
-/// writes of 1 MiB: about 800 KiB); a full log is applied to RocksDB and
-/// starts over.
+/// writes of 1 MiB: about 800 KiB; deferred writes add their data, at most
+/// a few of 32 KiB); a full log is applied to RocksDB and starts over.
 pub const LOG_BYTES: usize = 8 << 20;
 const FILE_MAGIC: &[u8; 8] = b"BSLTBUF1";
 const BOOT_ID_BYTES: usize = 36;

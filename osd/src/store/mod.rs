@@ -38,7 +38,7 @@ pub use device::{BlockDevice, MemDevice};
 pub use error::StoreError;
 pub use keys::ObjectKey;
 pub use object_store::{
-    DEFERRED_WRITES_IN_FLIGHT, FsckReport, ObjectStat, ObjectStore, RELOCATE_BYTES_PER_SEC,
-    StoreConfig,
+    DEFER_WHILE_WRITES_AT_MOST, DEFERRED_WRITES_IN_FLIGHT, FsckReport, ObjectStat, ObjectStore,
+    RELOCATE_BYTES_PER_SEC, StoreConfig,
 };
 pub use uring::{UringConfig, UringDevice};

@@ -32,23 +32,25 @@
 //!
 //! # Deferred writes
 //! A buffered write of at most `DEFER_MAX_BYTES`, while fewer than
-//! `StoreConfig::deferred_writes_in_flight` others are in flight, is
-//! deferred (BlueStore's deferred writes, without their sync; off by
-//! default, see `DEFERRED_WRITES_IN_FLIGHT`): its data write to the fresh
-//! blocks starts, and a copy of the data goes into the same unsynced
-//! RocksDB batch as its block entries (`deferred` column family). It is
-//! acknowledged once that batch is applied, without waiting for the device:
-//! after a SIGKILL the WAL (in the page cache) has the data, and open
-//! writes it in place again. The object stays locked until the data lands,
-//! so nothing reads the blocks before. A sync first waits for every data
-//! write begun (its flush then covers them), keeps deferred copies out of
-//! its journal record and deletes those of the changes it makes durable;
-//! as blocks a change gives up are freed only by a sync, no copy is left
-//! when a block gets a new owner. After a power loss before a sync, RocksDB
-//! comes back with a prefix of its batches: a deferred write is there whole
-//! (the copy is written again) or not at all (old data and metadata).
-//! A failed data write fails the store (the WAL's copy is written again at
-//! the next open).
+//! `StoreConfig::deferred_writes_in_flight` others are in flight and the
+//! store is latency-bound (few writes in progress: see
+//! `DEFER_WHILE_WRITES_AT_MOST`), is deferred (BlueStore's deferred
+//! writes, without their sync): its data write to the fresh blocks starts,
+//! and a copy of the data goes into the buffered-change log with its block
+//! entries (`deferred` column family once applied to RocksDB; a store
+//! without a journal puts both into an unsynced RocksDB batch). It is
+//! acknowledged once logged, without waiting for the device: after a
+//! SIGKILL the log (in the page cache) has the data, open replays it into
+//! RocksDB and writes it in place again. The object stays locked until the
+//! data lands, so nothing reads the blocks before. A sync first waits for
+//! every data write begun (its flush then covers them), keeps deferred
+//! copies out of its journal record and deletes those of the changes it
+//! makes durable; as blocks a change gives up are freed only by a sync, no
+//! copy is left when a block gets a new owner. A power loss before a sync
+//! may lose it like any buffered change (the log is not replayed after a
+//! reboot; what RocksDB got of it comes back as far as its unsynced WAL
+//! does). A failed data write fails the store (the logged copy is written
+//! again at the next open).
 //!
 //! Blocks a buffered change gives up stay allocated until a sync covers the
 //! change: if the power went before, the old metadata (pointing at them)
@@ -80,7 +82,7 @@
 //! (`StoreConfig::relocate_bytes_per_sec`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -116,20 +118,24 @@ const BUFFERED_FREE_MAX: usize = 65_536;
 /// A small buffered write goes into the journal with its record (so a
 /// later FLUSH is one device flush) while a client flushed within this long.
 const EAGER_JOURNAL_AFTER_FLUSH: Duration = Duration::from_secs(2);
-/// Largest buffered write that may be deferred (acknowledged once its data
-/// is in RocksDB's WAL, before its write in place lands).
+/// Largest buffered write that may be deferred (acknowledged once a copy of
+/// its data is logged, before its write in place lands).
 const DEFER_MAX_BYTES: usize = 32 << 10;
-/// Default of `StoreConfig::deferred_writes_in_flight`: off. Deferring
-/// saves a write the device's latency but costs CPU (the data's trip
-/// through the WAL, page zeroing of the growing WAL file, the memtable).
-/// On a disk with 33 µs writes (fio QD1 on the raw file), homed size-1
-/// 4 KiB random write on the dev cluster, alternated runs: QD1 75-79 µs
-/// deferring (2 or 8 at once) against 97-98 not deferring, qemu-nbd 68-69;
-/// QD32 27,126-35,002 IOPS against 37,997-49,909, 65 against 57 µs of OSD
-/// CPU per write at QD1. Worth turning on (`basalt osd
-/// --deferred-writes-in-flight 8`) where the disk's write latency, not CPU,
-/// bounds a client: hard disks, slow network block devices.
-pub const DEFERRED_WRITES_IN_FLIGHT: usize = 0;
+/// Default of `StoreConfig::deferred_writes_in_flight`. Deferring saves a
+/// small write the device's latency and costs CPU (the data's copy into
+/// the buffered log, then into RocksDB's WAL and memtable, and its
+/// deletion at the next sync), so it is done only while the store is
+/// latency-bound: while at most `DEFER_WHILE_WRITES_AT_MOST` writes are in
+/// progress (a client at iodepth 1 or 2), never under load, where the CPU
+/// is what bounds a client.
+pub const DEFERRED_WRITES_IN_FLIGHT: usize = 4;
+/// Default of `StoreConfig::defer_while_writes_at_most`: a small buffered
+/// write is deferred while at most this many writes are in progress on the
+/// store (itself included), now and on average over about the last eight
+/// writes. The average keeps a loaded store from deferring in the moments
+/// it happens to hold one or two writes: size-3 4 KiB writes at iodepth 32
+/// leave each OSD about three in progress on average, often fewer.
+pub const DEFER_WHILE_WRITES_AT_MOST: usize = 2;
 /// Reads of at least this many present blocks (128 KiB) may find their
 /// range scattered ("Relocating scattered blocks" above).
 const RELOCATE_MIN_BLOCKS: usize = 32;
@@ -162,8 +168,13 @@ pub struct StoreConfig {
     /// Deferred writes whose data may be still on its way to the device, at
     /// most (0: none are deferred). Past this many, small buffered writes
     /// wait for their data write like larger ones. Default
-    /// `DEFERRED_WRITES_IN_FLIGHT` (off; see there why).
+    /// `DEFERRED_WRITES_IN_FLIGHT`.
     pub deferred_writes_in_flight: usize,
+    /// Writes in progress on the store (the deferring one included), now
+    /// and on average lately, at most for a small buffered write to be
+    /// deferred (`usize::MAX`: any number). Default
+    /// `DEFER_WHILE_WRITES_AT_MOST`.
+    pub defer_while_writes_at_most: usize,
     /// Pace of the relocation of ranges that large reads found scattered
     /// (`relocate_scattered`), in bytes a second; 0 turns it off (nothing
     /// is queued). The store only queues; its caller paces (the OSD
@@ -178,6 +189,7 @@ impl Default for StoreConfig {
             uring: UringConfig::default(),
             map_cache_objects: 1024,
             deferred_writes_in_flight: DEFERRED_WRITES_IN_FLIGHT,
+            defer_while_writes_at_most: DEFER_WHILE_WRITES_AT_MOST,
             relocate_bytes_per_sec: RELOCATE_BYTES_PER_SEC,
         }
     }
@@ -257,6 +269,11 @@ struct Inner<D> {
     locks: Vec<Arc<RwLock<()>>>,
     /// Deferred writes whose data write may not have landed yet.
     landings: Arc<Landings>,
+    /// Writes between their start and their answer (`write_inner`): the
+    /// depth deferring looks at (`StoreConfig::defer_while_writes_at_most`).
+    write_depth: WriteDepth,
+    /// Writes deferred since open.
+    deferred_writes: std::sync::atomic::AtomicU64,
     /// Serialises changes to shared blocks' reference counts, from reading
     /// a count to committing the new one.
     refs_lock: tokio::sync::Mutex<()>,
@@ -524,6 +541,8 @@ impl<D: BlockDevice> ObjectStore<D> {
                     .map(|_| Arc::new(RwLock::new(())))
                     .collect(),
                 landings,
+                write_depth: WriteDepth::default(),
+                deferred_writes: std::sync::atomic::AtomicU64::new(0),
                 refs_lock: tokio::sync::Mutex::new(()),
                 commits,
                 failed,
@@ -568,8 +587,14 @@ impl<D: BlockDevice> ObjectStore<D> {
         drop(inner);
     }
 
-    /// Deferred writes whose copy of the data waits in RocksDB for the next
-    /// sync to delete it.
+    /// Small buffered writes deferred since open (acknowledged before
+    /// their data write landed).
+    pub fn deferred_writes(&self) -> u64 {
+        self.inner.deferred_writes.load(Ordering::Relaxed)
+    }
+
+    /// Deferred writes whose copy of the data waits (logged or in RocksDB)
+    /// for the next sync to delete it.
     pub fn deferred_copies(&self) -> Result<usize, StoreError> {
         let mut count = 0;
         self.inner.meta.for_each_deferred(|_, _, _| {
@@ -856,6 +881,7 @@ impl<D: BlockDevice> ObjectStore<D> {
     ) -> Result<(), StoreError> {
         self.check_range(key, offset, data.len() as u64)?;
         self.check_failed()?;
+        let in_progress = self.inner.write_depth.enter();
         let guard = self.inner.locks[self.stripe(key)]
             .clone()
             .write_owned()
@@ -908,17 +934,19 @@ impl<D: BlockDevice> ObjectStore<D> {
             data_offset += len;
             buffers.push((run.start, buf));
         }
-        // A small buffered write is deferred: its data goes into the
-        // metadata batch (RocksDB's WAL) while it is written in place, and
-        // it is acknowledged once the batch is applied, not when the device
-        // answers (see "Deferred writes" above).
+        // A small buffered write on a latency-bound store is deferred: a
+        // copy of its data is logged with its block entries while it is
+        // written in place, and it is acknowledged once logged, not when
+        // the device answers (see "Deferred writes" above).
         let defer = !inline
             && durability == Durability::Buffered
             && data.len() <= DEFER_MAX_BYTES
+            && in_progress.shallow(self.inner.config.defer_while_writes_at_most)
             && self.inner.landings.in_flight() < self.inner.config.deferred_writes_in_flight;
         let mut deferred = Vec::new();
         let mut landing = None;
         if defer {
+            self.inner.deferred_writes.fetch_add(1, Ordering::Relaxed);
             let landed = Landings::begin(&self.inner.landings);
             let mut at = 0;
             for (run, (start, buf)) in buffers.iter().enumerate() {
@@ -947,7 +975,7 @@ impl<D: BlockDevice> ObjectStore<D> {
                     .into_iter()
                     .find_map(|(_, result)| result.err());
                 if let Some(error) = &error {
-                    // The data was acknowledged; only the WAL's copy
+                    // The data was acknowledged; only the logged copy
                     // (written in place again at the next open) holds it.
                     tracing::error!("deferred data write failed, refusing further writes: {error}");
                     failed.store(true, Ordering::Release);
@@ -2061,8 +2089,8 @@ const APPLY_ALONE_OPS: usize = 64;
 
 /// Blocks held until a checkpoint that make one happen: 64 MiB.
 const HELD_MAX: u64 = 16_384;
-/// Deferred writes whose data waits in RocksDB that make the next group a
-/// synced one (which deletes them): about 16 MiB at 4 KiB, what a restart
+/// Deferred writes whose copy waits (logged or in RocksDB) that make the
+/// next group a synced one (which deletes them): about 16 MiB at 4 KiB, what a restart
 /// writes in place again at most.
 const DEFERRED_SYNC_MAX: usize = 4096;
 
@@ -2369,22 +2397,22 @@ impl<D: BlockDevice> Committer<D> {
         Ok(())
     }
 
-    /// A buffered group: its changes go to the buffered-change log (applied
-    /// to RocksDB after the writers are answered; deferred data straight
-    /// into an unsynced RocksDB batch). It does not wait for the device, so
-    /// it runs on the committer task.
+    /// A buffered group: its changes, deferred writes' copies included, go
+    /// to the buffered-change log (applied to RocksDB after the writers are
+    /// answered). It does not wait for the device, so it runs on the
+    /// committer task.
     fn apply_unsynced(
         &mut self,
         ops: Vec<MetaOp>,
         free: Vec<u64>,
         needs_flush: bool,
     ) -> Result<(), String> {
-        let logged = if holds_deferred(&ops) {
-            self.meta.write(&ops, false)
-        } else {
-            self.meta.write_buffered(&ops)
-        };
-        logged.map_err(|e| format!("metadata commit failed: {e}"))?;
+        // Deferred copies too: the log survives what RocksDB's unsynced
+        // WAL did (a SIGKILL, not a power loss), and open replays it into
+        // RocksDB before it writes the copies in place (`replay_deferred`).
+        self.meta
+            .write_buffered(&ops)
+            .map_err(|e| format!("metadata commit failed: {e}"))?;
         self.note_unsynced(ops, free, needs_flush);
         Ok(())
     }
@@ -2764,6 +2792,55 @@ impl Landings {
             }
             landed.await;
         }
+    }
+}
+
+/// Writes in progress on a store: how many now, and a moving average of
+/// that count as each write found it.
+#[derive(Default)]
+struct WriteDepth {
+    now: AtomicUsize,
+    /// In 256ths (rounded down: a steady depth leaves it less than 8/256
+    /// below); each write moves it an eighth of the way to its own depth.
+    average_256ths: AtomicUsize,
+}
+
+impl WriteDepth {
+    /// Counts a write in until the returned value is dropped.
+    fn enter(&self) -> InProgress<'_> {
+        let depth = self.now.fetch_add(1, Ordering::Relaxed) + 1;
+        // Racing updates may lose one: it is a hint.
+        let average = self.average_256ths.load(Ordering::Relaxed);
+        let average = (average * 7 + depth * 256) / 8;
+        self.average_256ths.store(average, Ordering::Relaxed);
+        InProgress {
+            count: &self.now,
+            depth,
+            average_256ths: average,
+        }
+    }
+}
+
+/// A write counted in `WriteDepth` until dropped.
+struct InProgress<'a> {
+    count: &'a AtomicUsize,
+    /// Writes in progress when this one started, itself included.
+    depth: usize,
+    /// The moving average then, in 256ths.
+    average_256ths: usize,
+}
+
+impl InProgress<'_> {
+    /// Whether the store is latency-bound: at most `limit` writes in
+    /// progress now and on average lately (`DEFER_WHILE_WRITES_AT_MOST`).
+    fn shallow(&self, limit: usize) -> bool {
+        self.depth <= limit && self.average_256ths <= limit.saturating_mul(256)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
