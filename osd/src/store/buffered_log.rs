@@ -22,9 +22,11 @@
 //! magic, payload length, sequence number and a crc32c of the three and the
 //! payload (`journal::encode_ops`), padded to 8 bytes. Records run with
 //! consecutive sequence numbers; once RocksDB holds every change, the next
-//! record starts at offset 64 again, so a replay reads from 64 while the
-//! numbers follow on and stops at the first record that does not (an older
-//! lap's leftover, a torn record).
+//! record starts at offset 64 again (an application that ran while more
+//! were logged leaves the log as it is), so a replay reads from 64 while
+//! the numbers follow on, walks past the records RocksDB has and stops at
+//! the first record that does not follow (an older lap's leftover, a torn
+//! record).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -173,6 +175,11 @@ impl BufferedLog {
             );
             return Ok((ops, last));
         }
+        // The log may start with records RocksDB has already: an
+        // application that ran while more were logged does not start the
+        // log over (`MetaStore::apply_buffered`). They are walked past, as
+        // long as the numbers follow on.
+        let mut previous: Option<u64> = None;
         let mut at = FILE_HEADER_BYTES;
         while at + RECORD_HEADER_BYTES <= LOG_BYTES {
             let header = &bytes[at..at + RECORD_HEADER_BYTES];
@@ -181,15 +188,22 @@ impl BufferedLog {
             let seq = journal::le_u64(header, 8);
             let crc = journal::le_u32(header, 16);
             let end = at + RECORD_HEADER_BYTES + len;
-            if magic != RECORD_MAGIC || seq != last + 1 || end > LOG_BYTES {
+            let follows = match previous {
+                None => seq <= after.saturating_add(1),
+                Some(previous) => seq == previous.wrapping_add(1),
+            };
+            if magic != RECORD_MAGIC || !follows || end > LOG_BYTES {
                 break;
             }
             let payload = &bytes[at + RECORD_HEADER_BYTES..end];
             if record_crc(&header[4..16], payload) != crc {
                 break;
             }
-            ops.extend(journal::decode_ops(payload)?);
-            last = seq;
+            if seq > after {
+                ops.extend(journal::decode_ops(payload)?);
+                last = seq;
+            }
+            previous = Some(seq);
             at = padded(end);
         }
         Ok((ops, last))
