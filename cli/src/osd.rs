@@ -60,8 +60,9 @@ pub struct OsdArgs {
     #[arg(long, default_value_t = basalt_osd::store::DEFERRED_WRITES_IN_FLIGHT)]
     deferred_writes_in_flight: usize,
     /// Defer small buffered writes only while at most this many writes are
-    /// in progress on the OSD's store (and half a write fewer on average
-    /// lately): the store is then bound by the disk's latency, not by CPU.
+    /// in progress on the OSD's store, now and on average over about the
+    /// last eight writes: the store is then bound by the disk's latency,
+    /// not by CPU.
     #[arg(long, default_value_t = basalt_osd::store::DEFER_WHILE_WRITES_AT_MOST)]
     defer_while_writes_at_most: usize,
     /// Pace, per second (e.g. 128M), of rewriting the ranges that large
