@@ -1331,6 +1331,67 @@ async fn a_sync_keeps_deferred_copies_when_their_data_fails_to_land() {
     assert_clean_and_close(store).await;
 }
 
+/// A client that flushes after every write: once the store has seen that
+/// pace, its small buffered writes are durable when answered (a power loss
+/// right after one, before its flush, keeps it) and the flush that follows
+/// leaves the device alone. A client that flushes after every fourth write
+/// gets buffered writes, as before.
+#[tokio::test]
+async fn writes_of_a_client_that_flushes_after_each_are_durable_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    // A durable write persists its own blocks only: nothing else written
+    // and not flushed survives the power loss below.
+    device.set_fua(true);
+    let store = mem_store(&device, dir.path()).await;
+    for object in 1..=40u64 {
+        buffered(&store, object, object, 1).await;
+        if object % 4 == 0 {
+            store.flush().await.unwrap();
+        }
+    }
+    assert_eq!(
+        store.early_durable_writes(),
+        0,
+        "writes of a client flushing after every fourth were made durable"
+    );
+    for object in 41..=80u64 {
+        buffered(&store, object, object, 1).await;
+        store.flush().await.unwrap();
+    }
+    let early = store.early_durable_writes();
+    assert!(
+        (20..=40).contains(&early),
+        "{early} of 40 writes each followed by a flush were made durable at once"
+    );
+    buffered(&store, 81, 81, 1).await;
+    let (_, flushes) = device.counters();
+    store.flush().await.unwrap();
+    assert_eq!(
+        device.counters().1,
+        flushes,
+        "the flush after a write made durable flushed the device"
+    );
+    // RocksDB's unsynced writes after this point go with the power.
+    let meta = dir.path().join("meta-before");
+    store.snapshot_metadata(&meta).unwrap();
+    buffered(&store, 82, 82, 1).await;
+    assert_eq!(store.early_durable_writes(), early + 2);
+    // Writes without flushes: buffered again from the third on.
+    for object in 83..=90u64 {
+        buffered(&store, object, object, 1).await;
+    }
+    assert_eq!(
+        store.early_durable_writes(),
+        early + 3,
+        "writes of a client that stopped flushing were still made durable"
+    );
+    let store = power_cycle_to(store, &device, &meta, |_| false).await;
+    let written: Vec<_> = (1..=83).map(|o| (o, o, 1)).collect();
+    assert_holds_buffered(&store, &written).await;
+    assert_clean_and_close(store).await;
+}
+
 /// A store on `device` that a client flushed (so its small buffered writes
 /// go into the journal), and a copy of its metadata taken then: RocksDB's
 /// unsynced writes may go with the power, and it comes back as that copy.
