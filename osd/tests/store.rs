@@ -1334,8 +1334,10 @@ async fn a_sync_keeps_deferred_copies_when_their_data_fails_to_land() {
 /// A client that flushes after every write: once the store has seen that
 /// pace, its small buffered writes are durable when answered (a power loss
 /// right after one, before its flush, keeps it) and the flush that follows
-/// leaves the device alone. A client that flushes after every fourth write
-/// gets buffered writes, as before.
+/// leaves the device alone. Such a write after a larger buffered one (whose
+/// data no record holds) flushes that data too. A client that flushes after
+/// every fourth write gets buffered writes, from the start and once the
+/// store has seen its new pace.
 #[tokio::test]
 async fn writes_of_a_client_that_flushes_after_each_are_durable_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -1364,6 +1366,14 @@ async fn writes_of_a_client_that_flushes_after_each_are_durable_at_once() {
         (20..=40).contains(&early),
         "{early} of 40 writes each followed by a flush were made durable at once"
     );
+    // A larger write's data is in place only: the small write made durable
+    // after it must flush it (its record holds the larger one's blocks).
+    store.flush().await.unwrap();
+    buffered(&store, 100, 100, 16).await;
+    buffered(&store, 101, 101, 1).await;
+    assert_eq!(store.early_durable_writes(), early + 1);
+    store.flush().await.unwrap();
+    let early = early + 1;
     buffered(&store, 81, 81, 1).await;
     let (_, flushes) = device.counters();
     store.flush().await.unwrap();
@@ -1387,8 +1397,35 @@ async fn writes_of_a_client_that_flushes_after_each_are_durable_at_once() {
         "writes of a client that stopped flushing were still made durable"
     );
     let store = power_cycle_to(store, &device, &meta, |_| false).await;
-    let written: Vec<_> = (1..=83).map(|o| (o, o, 1)).collect();
+    let mut written: Vec<_> = (1..=83).map(|o| (o, o, 1)).collect();
+    written.extend([(100, 100, 16), (101, 101, 1)]);
     assert_holds_buffered(&store, &written).await;
+
+    // The pace learned again, then a flush after every fourth write: the
+    // first two writes after a flush are made durable until the average
+    // passes 1.5 writes per flush (two flushes), none after.
+    for object in 201..=240u64 {
+        buffered(&store, object, object, 1).await;
+        store.flush().await.unwrap();
+    }
+    let learned = store.early_durable_writes();
+    assert!(
+        learned >= 20,
+        "{learned} of 40 writes made durable after a reopen"
+    );
+    let mut per_flush = Vec::new();
+    for round in 0..6u64 {
+        let before = store.early_durable_writes();
+        for object in 0..4 {
+            buffered(&store, 300 + round * 4 + object, 1, 1).await;
+        }
+        store.flush().await.unwrap();
+        per_flush.push(store.early_durable_writes() - before);
+    }
+    assert!(
+        per_flush[2..].iter().all(|&n| n == 0) && per_flush[..2].iter().all(|&n| n <= 2),
+        "writes made durable per round of four writes and a flush: {per_flush:?}"
+    );
     assert_clean_and_close(store).await;
 }
 

@@ -126,6 +126,9 @@ const EAGER_JOURNAL_AFTER_FLUSH: Duration = Duration::from_secs(2);
 /// about every write: at most this many writes per flush on average, in
 /// 256ths (1.5). See `FlushPace`.
 const DURABLE_AT_WRITES_PER_FLUSH_256THS: u32 = 384;
+/// ... and while at most this many writes are in progress on the store, now
+/// and on a moving average (`InProgress::shallow`).
+const EARLY_DURABLE_WHILE_WRITES_AT_MOST: usize = 2;
 /// Largest buffered write that may be deferred (acknowledged once a copy of
 /// its data is logged, before its write in place lands).
 const DEFER_MAX_BYTES: usize = 32 << 10;
@@ -914,7 +917,7 @@ impl<D: BlockDevice> ObjectStore<D> {
             && data.len() <= INLINE_MAX_BYTES
             && self.client_flushes()
             && self.inner.flush_pace.after_each_write(since_flush)
-            && in_progress.shallow(self.inner.config.defer_while_writes_at_most)
+            && in_progress.shallow(EARLY_DURABLE_WHILE_WRITES_AT_MOST)
         {
             self.inner
                 .early_durable_writes
@@ -2837,17 +2840,20 @@ impl Landings {
 }
 
 /// How many writes a store gets between two flushes, on a moving average
-/// over about the last eight flushes that followed writes. A client that
+/// over about the last eight flushes. A client that
 /// flushes after every write (a database committing one page at a time,
 /// fio's `fsync=1`) waits for each flush; its small buffered writes are
 /// then made durable when written (`write_inner`), which leaves its flushes
-/// nothing to do. A store starts at four writes per flush, so a dozen or so
-/// writes each followed by a flush turn it on; flushes with no write since
-/// the last one say nothing of the pace and leave it, and a third write
+/// nothing to do. A store starts at four writes per flush, so fourteen
+/// writes each followed by a flush turn it on. A flush with no write since
+/// the last one counts as such: two clients that each write and flush in
+/// turn (write, write, flush, flush) are at one write per flush. A third write
 /// without a flush turns it off at once (`after_each_write`). It is a hint
-/// shared by every client of the store; racing updates may lose one. The
-/// cost is the client's own: a record made durable is a device flush the
-/// client was about to ask for.
+/// shared by every client of the store (racing updates may lose one): a
+/// write of another client that comes first or second after a flush is made
+/// durable too, so at most two writes per flush pay a device flush they did
+/// not ask for, and only while writes per flush stay that low, which other
+/// clients' writes raise.
 ///
 /// Homed size-1 4 KiB random write at QD1 with a flush after each
 /// (fio-bench's `randwrite-4k-qd1-fsync`), node1's OSD restarted with either
@@ -2881,9 +2887,6 @@ impl FlushPace {
 
     fn flushed(&self) {
         let writes = self.since_flush.swap(0, Ordering::Relaxed);
-        if writes == 0 {
-            return;
-        }
         let writes_256ths = writes.min(1 << 16) * 256;
         let average = self.average_256ths.load(Ordering::Relaxed);
         let average = (u64::from(average) * 7 + u64::from(writes_256ths)) / 8;
