@@ -807,14 +807,18 @@ impl FlushModel {
 }
 
 /// Power loss at a random moment while writers mix buffered writes (small
-/// ones go into the journal unflushed while the client flushes, larger ones
-/// do not), FUA writes and flushes: everything a completed flush or FUA
+/// ones go into the journal unflushed while the client flushes, or durable
+/// at once while it flushes after about every write; larger ones do not),
+/// FUA writes and flushes: everything a completed flush or FUA
 /// write covered is intact, every other block holds its durable content or
 /// one written since (never another's data), fsck is clean. The metadata may
 /// also be rolled back to a copy taken after the last checkpoint, as in
 /// `power_loss_keeps_every_acknowledged_write`.
 #[tokio::test]
 async fn power_loss_with_flushes_keeps_every_flushed_write() {
+    // Small writes made durable at once (`early_durable_writes`) in the
+    // seeds that flush about every write, which exist to test them.
+    let (mut flush_heavy_seeds, mut early) = (0, 0);
     for seed in seeds(0..24) {
         let dir = tempfile::tempdir().unwrap();
         let device = Arc::new(MemDevice::new(16384));
@@ -843,6 +847,10 @@ async fn power_loss_with_flushes_keeps_every_flushed_write() {
         let ops = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let crashed = Arc::new(AtomicBool::new(false));
         let large = if seed % 4 < 2 { 0.1 } else { 0.35 };
+        // Every fourth seed flushes about after every write (its stores
+        // then make small buffered writes durable at once).
+        let flush_heavy = seed % 4 == 3;
+        let flush_p = if flush_heavy { 0.55 } else { 0.25 };
         let mut writers = Vec::new();
         // One to three writers: alone, a writer's flushes often find every
         // change in records already.
@@ -857,7 +865,7 @@ async fn power_loss_with_flushes_keeps_every_flushed_write() {
                 // acknowledged when it asked.
                 let mut own = FlushModel::default();
                 for n in 0..1000u64 {
-                    if rng.random_bool(0.25) {
+                    if rng.random_bool(flush_p) {
                         if store.flush().await.is_err() {
                             break;
                         }
@@ -916,6 +924,10 @@ async fn power_loss_with_flushes_keeps_every_flushed_write() {
         for writer in writers {
             writer.await.unwrap();
         }
+        if flush_heavy {
+            flush_heavy_seeds += 1;
+            early += store.early_durable_writes();
+        }
         let (store, _) = snapshots.reopen(store, &device, dir.path()).await;
         let report = store.fsck().await.unwrap();
         assert!(report.is_clean(), "seed {seed}: {report:?}");
@@ -933,6 +945,10 @@ async fn power_loss_with_flushes_keeps_every_flushed_write() {
         }
         store.close().await;
     }
+    assert!(
+        flush_heavy_seeds < 3 || early > 0,
+        "no write was made durable at once in {flush_heavy_seeds} seeds that flush after about every write"
+    );
 }
 
 /// Writes `blocks` blocks of pattern `id` at the start of object `object`,
