@@ -2212,3 +2212,50 @@ async fn a_write_during_a_relocation_waits_for_it_and_wins() {
     let store = Arc::into_inner(store).unwrap();
     assert_clean_and_close(store).await;
 }
+
+/// Known bug (found 2026-12-01, not fixed): a buffered change reaches RocksDB
+/// (unsynced) before its data is flushed, here a small write's unflushed
+/// journal record (`Committer::commit_journaled`, `write_marked` right after
+/// the record). A power loss may keep RocksDB's copy of the change (its WAL
+/// written back) and drop the record and the data in place (never flushed):
+/// the block then reads as a checksum error, neither the old data nor the
+/// new. Most likely also why `power_loss_with_flushes_keeps_every_flushed_write`
+/// fails for seeds 60, 66, 96 and 126. Run with `--run-ignored only`.
+#[tokio::test]
+#[ignore = "known bug: an unflushed record's changes reach RocksDB ahead of its data (docs/design.md)"]
+async fn an_unflushed_records_changes_never_outlive_its_data() {
+    unflushed_change_outlives_its_data(1).await;
+}
+
+/// The same for a larger buffered write (not in a record): its change goes
+/// from the buffered-change log into RocksDB before a flush covers its data.
+#[tokio::test]
+#[ignore = "known bug: buffered changes reach RocksDB ahead of their data (docs/design.md)"]
+async fn a_larger_buffered_writes_change_never_outlives_its_data() {
+    unflushed_change_outlives_its_data(9).await;
+}
+
+/// Writes `blocks` blocks of object 1 and flushes (a client that flushes),
+/// overwrites them buffered, copies the metadata (what RocksDB may keep of
+/// its unsynced writes), cuts the power keeping no unflushed write, reopens
+/// on the copy: the blocks must read as the old data or the new.
+async fn unflushed_change_outlives_its_data(blocks: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(MemDevice::new(4096));
+    let store = mem_store(&device, dir.path()).await;
+    buffered(&store, 1, 1, blocks).await;
+    store.flush().await.unwrap();
+    buffered(&store, 1, 2, blocks).await;
+    assert_eq!(store.early_durable_writes(), 0);
+    let meta = dir.path().join("meta-after");
+    store.snapshot_metadata(&meta).unwrap();
+    let store = power_cycle_to(store, &device, &meta, |_| false).await;
+    let len = (blocks * B) as usize;
+    let got = store.read(&key(1, 0), 0, blocks * B).await;
+    assert!(
+        matches!(&got, Ok(data) if data[..] == pattern(1, len)[..] || data[..] == pattern(2, len)[..]),
+        "neither the old data nor the new: {:?}",
+        got.map(|d| d.len())
+    );
+    assert_clean_and_close(store).await;
+}
