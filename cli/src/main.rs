@@ -158,11 +158,11 @@ unsafe extern "C" {
 /// were ~2% of all CPU (perf; 0.06% without purging). Freed memory is kept
 /// instead, as Ceph's OSDs keep theirs in tcmalloc: a daemon's resident size
 /// stays at its peak (+30-40 MiB per OSD here; the gateway holds at most
-/// 128 MiB of request payload per NBD connection). Alternated runs on one dev cluster (every OSD
-/// restarted with either setting, 8 s each, 2026-12-01): size-3 homed 1 MiB
-/// sequential write 542-644 -> 593-756 MiB/s (means 594 -> 669 over three
-/// pairs), size-3 4 KiB random write at QD32 12,993-13,794 ->
-/// 13,628-14,718 IOPS.
+/// 128 MiB of request payload per NBD connection). Alternated runs on one
+/// dev cluster (every OSD restarted with either setting, 8 s each,
+/// 2026-12-01): size-3 homed 1 MiB sequential write 542-644 -> 593-756
+/// MiB/s (means 594 -> 669 over three pairs), size-3 4 KiB random write at
+/// QD32 12,993-13,794 -> 13,628-14,718 IOPS.
 fn keep_freed_memory() {
     // SAFETY: mi_option_set only stores an option value; mimalloc reads it
     // when it decides on a purge.

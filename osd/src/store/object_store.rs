@@ -2134,8 +2134,8 @@ const APPLY_ALONE_OPS: usize = 64;
 /// Blocks held until a checkpoint that make one happen: 64 MiB.
 const HELD_MAX: u64 = 16_384;
 /// Deferred writes whose copy waits (logged or in RocksDB) that make the
-/// next group a synced one (which deletes them): about 16 MiB at 4 KiB, what a restart
-/// writes in place again at most.
+/// next group a synced one (which deletes them): about 16 MiB at 4 KiB,
+/// what a restart writes in place again at most.
 const DEFERRED_SYNC_MAX: usize = 4096;
 
 /// Where the committer is in the metadata journal.
@@ -2840,15 +2840,15 @@ impl Landings {
 }
 
 /// How many writes a store gets between two flushes, on a moving average
-/// over about the last eight flushes. A client that
-/// flushes after every write (a database committing one page at a time,
-/// fio's `fsync=1`) waits for each flush; its small buffered writes are
-/// then made durable when written (`write_inner`), which leaves its flushes
-/// nothing to do. A store starts at four writes per flush, so fourteen
-/// writes each followed by a flush turn it on. A flush with no write since
-/// the last one counts as such: two clients that each write and flush in
-/// turn (write, write, flush, flush) are at one write per flush. A third write
-/// without a flush turns it off at once (`after_each_write`). It is a hint
+/// over about the last eight flushes. A client that flushes after every
+/// write (a database committing one page at a time, fio's `fsync=1`) waits
+/// for each flush; its small buffered writes are then made durable when
+/// written (`write_inner`), which leaves its flushes nothing to do. A store
+/// starts at four writes per flush, so fourteen writes each followed by a
+/// flush turn it on. A flush with no write since the last one counts as
+/// such: two clients that each write and flush in turn (write, write,
+/// flush, flush) are at one write per flush. A third write without a flush
+/// turns it off at once (`after_each_write`). It is a hint
 /// shared by every client of the store (racing updates may lose one): a
 /// write of another client that comes first or second after a flush is made
 /// durable too, so at most two writes per flush pay a device flush they did
@@ -2886,10 +2886,9 @@ impl FlushPace {
     }
 
     fn flushed(&self) {
-        let writes = self.since_flush.swap(0, Ordering::Relaxed);
-        let writes_256ths = writes.min(1 << 16) * 256;
+        let writes = self.since_flush.swap(0, Ordering::Relaxed).min(1 << 16);
         let average = self.average_256ths.load(Ordering::Relaxed);
-        let average = (u64::from(average) * 7 + u64::from(writes_256ths)) / 8;
+        let average = an_eighth_toward(u64::from(average), u64::from(writes));
         self.average_256ths.store(average as u32, Ordering::Relaxed);
     }
 
@@ -2901,6 +2900,12 @@ impl FlushPace {
         since_flush <= 2
             && self.average_256ths.load(Ordering::Relaxed) <= DURABLE_AT_WRITES_PER_FLUSH_256THS
     }
+}
+
+/// Moves a moving average kept in 256ths an eighth of the way to `count`
+/// (`FlushPace`, `WriteDepth`).
+fn an_eighth_toward(average_256ths: u64, count: u64) -> u64 {
+    (average_256ths * 7 + count * 256) / 8
 }
 
 /// Writes in progress on a store: how many now, and a moving average of
@@ -2919,7 +2924,7 @@ impl WriteDepth {
         let depth = self.now.fetch_add(1, Ordering::Relaxed) + 1;
         // Racing updates may lose one: it is a hint.
         let average = self.average_256ths.load(Ordering::Relaxed);
-        let average = (average * 7 + depth * 256) / 8;
+        let average = an_eighth_toward(average as u64, depth as u64) as usize;
         self.average_256ths.store(average, Ordering::Relaxed);
         InProgress {
             count: &self.now,
