@@ -61,11 +61,24 @@ pub fn sibling_bin(name: &str) -> PathBuf {
 
 /// Returns a port on `ip` that was free a moment ago.
 pub fn free_port(ip: &str) -> u16 {
-    let listener = TcpListener::bind((ip, 0)).expect("bind a loopback address");
-    listener
-        .local_addr()
-        .expect("bound socket has an address")
-        .port()
+    let [port] = free_ports(ip);
+    port
+}
+
+/// Returns `N` distinct ports on `ip` that were free a moment ago: all are
+/// held while they are picked, since ports asked for one after another may
+/// come back the same (a cluster's monitor, OSD and gateway ports then
+/// collide, and a client reaches the wrong daemon).
+pub fn free_ports<const N: usize>(ip: &str) -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind((ip, 0)).expect("bind a loopback address"))
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .expect("bound socket has an address")
+            .port()
+    })
 }
 
 /// One daemon process with its log file.
@@ -323,12 +336,13 @@ impl DevCluster {
         osd_size: &str,
         up_args: &[&str],
     ) -> anyhow::Result<DevCluster> {
+        let [mon_port, osd_port, nbd_port] = free_ports("127.0.1.1");
         let cluster = DevCluster {
             up_args: up_args.iter().map(|a| a.to_string()).collect(),
             dir: tempfile::tempdir().context("temp dir")?,
-            mon_port: free_port("127.0.1.1"),
-            osd_port: free_port("127.0.1.1"),
-            nbd_port: free_port("127.0.1.1"),
+            mon_port,
+            osd_port,
+            nbd_port,
             osd_size: osd_size.to_string(),
             nodes,
         };

@@ -108,7 +108,22 @@ fn basalt(args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn free_port(ip: &str) -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+    Ok(free_ports::<1>(ip)?[0])
+}
+
+/// `N` distinct ports on `ip` that were free a moment ago: all are held
+/// while they are picked, since ports asked for one after another may come
+/// back the same (the cluster's monitor, OSD and gateway ports would then
+/// collide, and fio reach a daemon that does not speak NBD).
+fn free_ports<const N: usize>(ip: &str) -> anyhow::Result<[u16; N]> {
+    let mut ports = [0; N];
+    let mut listeners = Vec::with_capacity(N);
+    for port in &mut ports {
+        let listener = std::net::TcpListener::bind((ip, 0))?;
+        *port = listener.local_addr()?.port();
+        listeners.push(listener);
+    }
+    Ok(ports)
 }
 
 fn parse_size(text: &str) -> anyhow::Result<u64> {
@@ -216,11 +231,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 args.nodes,
                 dir.display()
             ));
-            let (mon, osd, nbd) = (
-                free_port("127.0.1.1")?,
-                free_port("127.0.1.1")?,
-                free_port("127.0.1.1")?,
-            );
+            let [mon, osd, nbd] = free_ports("127.0.1.1")?;
             let (dir_text, nodes, mon, osd, nbd) = (
                 dir.display().to_string(),
                 args.nodes.to_string(),
