@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use basalt_osd::store::{
     BLOCK_BYTES, BlockDevice, MemDevice, ObjectKey, ObjectStore, StoreConfig, StoreError,
@@ -1235,25 +1235,29 @@ async fn a_failed_write_in_place_after_the_answer_fails_the_store() {
     assert_clean_and_close(store).await;
 }
 
-/// Buffered changes left to gather under load are applied once they are due
-/// even when no more writes come: the committer wakes up for them, rather
-/// than leaving them to the next sync or to a reader's path.
+/// Buffered changes reach RocksDB once the sync that covers their data has
+/// run, even when no more writes come: the committer wakes up for the sync
+/// (at most `BUFFERED_SYNC_AFTER`, 1 s, after the first change) and for the
+/// application after it, rather than leaving them to a later write's path.
 #[tokio::test]
-async fn gathered_changes_are_applied_without_more_writes() {
+async fn buffered_changes_reach_rocksdb_after_their_sync_without_more_writes() {
     let dir = tempfile::tempdir().unwrap();
     let device = Arc::new(MemDevice::new(4096));
     let store = mem_store(&device, dir.path()).await;
-    // Written together, the writes make one group: its changes gather.
+    // Written together, the writes make one group.
     futures::future::join_all((1..=8).map(|object| buffered(&store, object, object, 1))).await;
-    // Not applied as a write alone's are, by a task that runs right after
-    // the reply: gathering (for 50 ms).
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
-    assert!(store.buffered_waiting() > 0, "nothing left to gather");
-    // Well within the 1 s after which a sync would apply them.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(store.buffered_waiting(), 0, "gathered changes still wait");
+    assert!(
+        store.buffered_waiting() > 0,
+        "applied before a flush covered them"
+    );
+    let flushes = device.counters().1;
+    // The sync after 1 s, then the application.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(device.counters().1 > flushes, "no sync ran");
+    assert_eq!(store.buffered_waiting(), 0, "synced changes still wait");
     let expected: Vec<(u64, u64, u64)> = (1..=8).map(|object| (object, object, 1)).collect();
     assert_holds_buffered(&store, &expected).await;
     assert_clean_and_close(store).await;
@@ -2113,9 +2117,11 @@ async fn a_power_loss_after_a_relocation_keeps_the_data() {
     assert_clean_and_close(store).await;
 }
 
-/// RocksDB may make the relocation's unsynced entries durable before any
-/// sync (a memtable flush): the new run must be on the device by then, or
-/// a power loss leaves entries pointing at data it never kept.
+/// A relocation's entries wait for a flush before they reach RocksDB, and
+/// the run they point at is on the device by then: a power loss right after
+/// the relocation keeps the old layout (RocksDB does not have the entries
+/// yet), one after they reached RocksDB keeps the new, and the data reads
+/// back whole either way.
 #[tokio::test]
 async fn a_relocation_is_on_the_device_before_its_entries_are() {
     let dir = tempfile::tempdir().unwrap();
@@ -2124,6 +2130,29 @@ async fn a_relocation_is_on_the_device_before_its_entries_are() {
     store.read(&object, 0, 256 * B).await.unwrap();
     assert_eq!(store.relocate_scattered().await.unwrap(), 255);
     let meta = dir.path().join("meta-after");
+    store.snapshot_metadata(&meta).unwrap();
+    let store = power_cycle_to(store, &device, &meta, |_| false).await;
+    assert!(
+        runs_of(&store, &object).await > 100,
+        "the relocation's entries reached RocksDB before a flush"
+    );
+    assert_eq!(
+        &store.read(&object, 0, 256 * B).await.unwrap()[..],
+        &expected[..]
+    );
+    // Again, with the entries applied (the committer's sync, then the
+    // application after it) before the power goes.
+    store.read(&object, 0, 256 * B).await.unwrap();
+    assert_eq!(store.relocate_scattered().await.unwrap(), 255);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.buffered_waiting() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the relocation's entries were never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let meta = dir.path().join("meta-applied");
     store.snapshot_metadata(&meta).unwrap();
     let store = power_cycle_to(store, &device, &meta, |_| false).await;
     assert_eq!(
@@ -2213,24 +2242,20 @@ async fn a_write_during_a_relocation_waits_for_it_and_wins() {
     assert_clean_and_close(store).await;
 }
 
-/// Known bug (found 2026-12-01, not fixed): a buffered change reaches RocksDB
-/// (unsynced) before its data is flushed, here a small write's unflushed
-/// journal record (`Committer::commit_journaled`, `write_marked` right after
-/// the record). A power loss may keep RocksDB's copy of the change (its WAL
-/// written back) and drop the record and the data in place (never flushed):
-/// the block then reads as a checksum error, neither the old data nor the
-/// new. Most likely also why `power_loss_with_flushes_keeps_every_flushed_write`
-/// fails for seeds 60, 66, 96 and 126. Run with `--run-ignored only`.
+/// A small buffered write's unflushed journal record: its changes must not
+/// reach RocksDB before a flush covers the record. Before they were held
+/// back (found 2026-12-01), they were written to RocksDB (unsynced) right
+/// after the record; a power loss that kept RocksDB's copy (its WAL written
+/// back) and dropped the record and the data in place left the block reading
+/// as a checksum error, neither the old data nor the new.
 #[tokio::test]
-#[ignore = "known bug: an unflushed record's changes reach RocksDB ahead of its data (docs/design.md)"]
 async fn an_unflushed_records_changes_never_outlive_its_data() {
     unflushed_change_outlives_its_data(1).await;
 }
 
-/// The same for a larger buffered write (not in a record): its change goes
-/// from the buffered-change log into RocksDB before a flush covers its data.
+/// The same for a larger buffered write (not in a record): its change went
+/// from the buffered-change log into RocksDB before a flush covered its data.
 #[tokio::test]
-#[ignore = "known bug: buffered changes reach RocksDB ahead of their data (docs/design.md)"]
 async fn a_larger_buffered_writes_change_never_outlives_its_data() {
     unflushed_change_outlives_its_data(9).await;
 }

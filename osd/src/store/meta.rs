@@ -15,13 +15,14 @@
 //! One key per block (not per extent) keeps a 4 KiB overwrite to one small
 //! put and makes copy-on-write a pure metadata switch.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options};
 use serde::{Deserialize, Serialize};
 
-use super::buffered_log::BufferedLog;
+use super::buffered_log::{BufferedLog, Logged};
 use super::error::StoreError;
 use super::keys::{
     BLOCK_KEY_BYTES, BlockEntry, OBJECT_KEY_BYTES, ObjectInfo, ObjectKey, block_key,
@@ -117,25 +118,52 @@ pub enum MetaOp {
 
 /// The RocksDB database of one store.
 ///
-/// Buffered changes (`write_buffered`) wait in the buffered-change log
-/// (`buffered_log`) and in memory until `apply_buffered`; every other read
-/// or write applies them first, so nothing sees RocksDB without them.
+/// Changes logged with `write_buffered` wait in the buffered-change log
+/// (`buffered_log`) and in memory, where every reader finds them
+/// (`pending`), until `apply_buffered` puts them into RocksDB; it puts only
+/// those a device flush covers (`mark_flushed`): RocksDB never holds an
+/// entry pointing at data a power loss could still drop.
 pub struct MetaStore {
     db: DB,
     buffered: Mutex<Buffered>,
-    /// Held while buffered changes are applied.
+    /// Held while buffered changes are applied (one application at a time).
     applying: Mutex<()>,
 }
+
+/// Where a change lands: column family (`op_target`) and key, zero-padded.
+type Target = (u8, [u8; BLOCK_KEY_BYTES]);
 
 /// Changes logged but not in RocksDB yet.
 struct Buffered {
     log: BufferedLog,
-    /// In log order.
-    ops: Vec<MetaOp>,
+    /// The records not in RocksDB, in log order.
+    records: VecDeque<Logged>,
+    /// The last change logged per target, with its record's number: what a
+    /// reader finds before RocksDB. Dropped once applied (unless a later
+    /// record changed the target again).
+    pending: BTreeMap<Target, (u64, MetaOp)>,
     /// Number of the last record logged.
     seq: u64,
-    /// When the oldest change in `ops` was logged.
+    /// Records up to this one point only at data a device flush covers:
+    /// they may be applied.
+    flushed: u64,
+    /// Number of the last record applied (RocksDB's `buffered_applied`).
+    applied: u64,
+    /// Per half of the log, the number of the last record in it (0: none).
+    half_last: [u64; 2],
+    /// Since when records wait to be applied (flushed, not applied).
     since: Option<std::time::Instant>,
+}
+
+impl Buffered {
+    /// Changes of records that may be applied and are not.
+    fn flushed_ops(&self) -> usize {
+        self.records
+            .iter()
+            .take_while(|r| r.seq <= self.flushed)
+            .map(|r| r.ops.len())
+            .sum()
+    }
 }
 
 /// Changes per RocksDB batch when buffered changes are applied: a batch of
@@ -146,8 +174,96 @@ const APPLY_CHUNK: usize = 256;
 /// RocksDB info logs (`LOG`, `LOG.old.*`) kept in the metadata directory.
 const INFO_LOGS_KEPT: usize = 8;
 
+/// A value a reader found: in RocksDB, or a change not applied yet.
+enum Found<'a> {
+    Stored(&'a [u8]),
+    Pending(&'a MetaOp),
+}
+
+impl Found<'_> {
+    fn block(&self) -> Result<BlockEntry, StoreError> {
+        match self {
+            Found::Stored(bytes) => BlockEntry::decode(bytes),
+            Found::Pending(MetaOp::PutBlock { entry, .. }) => Ok(*entry),
+            Found::Pending(op) => Err(mismatch(op)),
+        }
+    }
+
+    fn object(&self) -> Result<ObjectInfo, StoreError> {
+        match self {
+            Found::Stored(bytes) => ObjectInfo::decode(bytes),
+            Found::Pending(MetaOp::PutObject { info, .. }) => Ok(*info),
+            Found::Pending(op) => Err(mismatch(op)),
+        }
+    }
+
+    fn count(&self) -> Result<u32, StoreError> {
+        match self {
+            Found::Stored(bytes) => decode_ref(bytes),
+            Found::Pending(MetaOp::PutRef { count, .. }) => Ok(*count),
+            Found::Pending(op) => Err(mismatch(op)),
+        }
+    }
+
+    fn data(&self) -> Result<&[u8], StoreError> {
+        match self {
+            Found::Stored(bytes) => Ok(bytes),
+            Found::Pending(MetaOp::PutDeferred { data, .. }) => Ok(&data[..]),
+            Found::Pending(op) => Err(mismatch(op)),
+        }
+    }
+}
+
+fn mismatch(op: &MetaOp) -> StoreError {
+    StoreError::Corrupt(format!("pending change {op:?} in the wrong column family"))
+}
+
+/// Whether a change puts a value (not a deletion).
+fn is_put(op: &MetaOp) -> bool {
+    matches!(
+        op,
+        MetaOp::PutBlock { .. }
+            | MetaOp::PutObject { .. }
+            | MetaOp::PutRef { .. }
+            | MetaOp::PutDeferred { .. }
+    )
+}
+
+/// Key length of a column family's keys (`op_target`'s numbering).
+fn family_key_len(family: u8) -> usize {
+    match family {
+        FAMILY_BLOCKS => BLOCK_KEY_BYTES,
+        FAMILY_OBJECTS => OBJECT_KEY_BYTES,
+        FAMILY_REFS => 8,
+        FAMILY_DEFERRED => 16,
+        _ => BLOCK_KEY_BYTES,
+    }
+}
+
+// The order of the column families in a coalesced batch (`coalesce`):
+// deferred writes' copies (and their deletions) first, so that an
+// application cut between two of its batches (`APPLY_CHUNK`) never leaves
+// a block entry in RocksDB without the copy of the data it points at, nor
+// a block's new owner without the deletion of the copy that held it.
+const FAMILY_DEFERRED: u8 = 0;
+const FAMILY_BLOCKS: u8 = 1;
+const FAMILY_OBJECTS: u8 = 2;
+const FAMILY_REFS: u8 = 3;
+
+fn target(family: u8, key: &[u8]) -> Target {
+    let mut out = [0u8; BLOCK_KEY_BYTES];
+    let len = key.len().min(BLOCK_KEY_BYTES);
+    out[..len].copy_from_slice(&key[..len]);
+    (family, out)
+}
+
 impl MetaStore {
     /// Opens (creating if missing) the metadata database at `path`.
+    ///
+    /// The changes the last run logged and RocksDB does not have (a SIGKILL
+    /// before they were applied) wait again, as not flushed: readers find
+    /// them, and the store applies them once its open has flushed the data
+    /// device (`mark_flushed`).
     pub fn open(path: &Path) -> Result<MetaStore, StoreError> {
         let mut options = Options::default();
         options.create_if_missing(true);
@@ -174,30 +290,60 @@ impl MetaStore {
             ));
         }
         let db = DB::open_cf_descriptors(&options, path, descriptors)?;
-        // The buffered changes the last run logged and RocksDB does not
-        // have (a SIGKILL before they were applied) go in first.
         let log = BufferedLog::open(path)?;
-        let applied = read_mark(&db, BUFFERED_APPLIED_KEY)?;
-        let (ops, last) = log.records(applied)?;
+        let mut applied = read_mark(&db, BUFFERED_APPLIED_KEY)?;
+        let mut replay = log.records(applied)?;
         let meta = MetaStore {
             db,
             buffered: Mutex::new(Buffered {
                 log,
-                ops: Vec::new(),
-                seq: last,
+                records: VecDeque::new(),
+                pending: BTreeMap::new(),
+                seq: applied,
+                flushed: applied,
+                applied,
+                half_last: [0; 2],
                 since: None,
             }),
             applying: Mutex::new(()),
         };
-        if last > applied {
+        if replay.old_format && !replay.records.is_empty() {
+            // The first format's records: applied now, as its code did.
+            let ops: Vec<MetaOp> = replay.records.iter().flat_map(|r| r.ops.clone()).collect();
+            let last = replay.records.last().map_or(applied, |r| r.seq);
             tracing::info!(
                 changes = ops.len(),
-                records = last - applied,
-                "buffered changes replayed from the log"
+                "buffered changes of the first log format applied"
             );
             meta.write_batch(&ops, None, None, Some(last), false)?;
+            applied = last;
+            replay.records.clear();
         }
-        meta.lock_buffered().log.start()?;
+        {
+            let mut buffered = meta.lock_buffered();
+            buffered.log.start(&replay)?;
+            if let Some(last) = replay.records.last() {
+                tracing::info!(
+                    records = replay.records.len(),
+                    "buffered changes of the last run wait for the open's flush"
+                );
+                buffered.seq = last.seq;
+                buffered.half_last = replay.half_last;
+            } else {
+                buffered.seq = applied;
+            }
+            buffered.flushed = applied;
+            buffered.applied = applied;
+            for record in replay.records {
+                for op in &record.ops {
+                    let (family, key) = op_target(op);
+                    buffered
+                        .pending
+                        .insert((family, key), (record.seq, op.clone()));
+                }
+                buffered.records.push_back(record);
+            }
+        }
         Ok(meta)
     }
 
@@ -205,103 +351,311 @@ impl MetaStore {
         self.buffered.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Logs buffered changes: applied to RocksDB by the next
-    /// `apply_buffered` or any other read or write. They survive a SIGKILL
-    /// of the daemon, not a power loss (like an unsynced RocksDB batch).
-    pub fn write_buffered(&self, ops: &[MetaOp]) -> Result<(), StoreError> {
-        if ops.is_empty() {
-            return Ok(());
+    /// Logs changes: readers find them at once; RocksDB gets them once a
+    /// device flush covers them (`mark_flushed`) and `apply_buffered` runs.
+    /// They survive a SIGKILL of the daemon, not a power loss. `false`
+    /// (nothing logged) when the log has no room: both halves hold records
+    /// not applied yet (flush, apply, try again), or the changes are more
+    /// than a half holds.
+    pub fn write_buffered(&self, ops: &[MetaOp]) -> Result<bool, StoreError> {
+        self.write_buffered_marked(ops, None)
+    }
+
+    /// `write_buffered` of the changes of journal record `journal`: applying
+    /// them marks the record applied (`journal_applied`).
+    pub fn write_buffered_marked(
+        &self,
+        ops: &[MetaOp],
+        journal: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        if ops.is_empty() && journal.is_none() {
+            return Ok(true);
         }
-        let mut buffered = self.lock_buffered();
+        let mut guard = self.lock_buffered();
+        let buffered = &mut *guard;
         let seq = buffered.seq + 1;
-        if !buffered.log.append(seq, ops) {
-            // The log is full: apply what it holds, which starts it over
-            // (the committer is the one writer, and it is here).
-            drop(buffered);
-            self.apply_buffered()?;
-            buffered = self.lock_buffered();
-            if !buffered.log.append(seq, ops) {
-                // Larger than the log: straight to RocksDB, behind the rest.
-                drop(buffered);
-                return self.write_batch(ops, None, None, None, false);
+        if !buffered.log.append(seq, journal, ops) {
+            let other = 1 - buffered.log.half();
+            if buffered.half_last[other] > buffered.applied {
+                return Ok(false);
+            }
+            buffered.log.switch();
+            buffered.half_last[other] = 0;
+            if !buffered.log.append(seq, journal, ops) {
+                return Ok(false);
             }
         }
         buffered.seq = seq;
-        buffered.ops.extend_from_slice(ops);
-        buffered.since.get_or_insert_with(std::time::Instant::now);
-        Ok(())
+        buffered.half_last[buffered.log.half()] = seq;
+        for op in ops {
+            buffered.pending.insert(op_target(op), (seq, op.clone()));
+        }
+        buffered.records.push_back(Logged {
+            seq,
+            journal,
+            ops: ops.to_vec(),
+        });
+        Ok(true)
     }
 
-    /// Whether buffered changes wait for `apply_buffered`.
+    /// Number of the last record logged.
+    pub fn logged_seq(&self) -> u64 {
+        self.lock_buffered().seq
+    }
+
+    /// A device flush covers the data the records up to `through` point at
+    /// (the caller read `logged_seq` before the flush began, after every
+    /// data write of theirs completed): they may be applied. New records go
+    /// to the other half of the log if its records are all in RocksDB, so
+    /// that this one can start over once they are too.
+    pub fn mark_flushed(&self, through: u64) {
+        let mut guard = self.lock_buffered();
+        let buffered = &mut *guard;
+        let through = through.min(buffered.seq);
+        if through > buffered.flushed {
+            buffered.flushed = through;
+            if buffered.since.is_none() && buffered.flushed > buffered.applied {
+                buffered.since = Some(std::time::Instant::now());
+            }
+        }
+        let half = buffered.log.half();
+        if buffered.half_last[half] > buffered.applied
+            && buffered.half_last[1 - half] <= buffered.applied
+        {
+            buffered.log.switch();
+            buffered.half_last[1 - half] = 0;
+        }
+    }
+
+    /// Whether the log's current half is half full: a sync soon (its flush
+    /// lets the records drain into RocksDB and the log switch halves) keeps
+    /// the log from running out of room, which would stall a write.
+    pub fn log_filling(&self) -> bool {
+        let buffered = self.lock_buffered();
+        buffered.log.used() * 2 >= buffered.log.half_capacity()
+    }
+
+    /// Whether changes wait that `apply_buffered` would apply now.
     pub fn has_buffered(&self) -> bool {
-        !self.lock_buffered().ops.is_empty()
+        let buffered = self.lock_buffered();
+        buffered.flushed > buffered.applied
     }
 
-    /// How many buffered changes wait for `apply_buffered`, and since when
-    /// the oldest of them does.
+    /// How many changes `apply_buffered` would apply now, and since when
+    /// the first of them may be applied.
     pub fn buffered_waiting(&self) -> (usize, Option<std::time::Instant>) {
         let buffered = self.lock_buffered();
-        (buffered.ops.len(), buffered.since)
+        (buffered.flushed_ops(), buffered.since)
     }
 
-    /// Applies the buffered changes to RocksDB (unsynced batches of
-    /// `APPLY_CHUNK` changes, the last one marking them applied:
+    /// How many changes are logged and not in RocksDB, flushed or not.
+    pub fn unapplied(&self) -> usize {
+        let buffered = self.lock_buffered();
+        buffered.records.iter().map(|r| r.ops.len()).sum()
+    }
+
+    /// Applies the logged records a flush covers to RocksDB (unsynced
+    /// batches of `APPLY_CHUNK` changes, the last one marking them applied,
+    /// and the journal record of the newest with a mark applied too:
     /// `write_in_chunks`). May run on another thread while more are
-    /// logged: the changes are taken out
-    /// under the lock, applied under `applying` (which every reader and
-    /// writer of RocksDB waits for), and the log starts over once RocksDB
-    /// has all it holds. So no change waits exactly when no application is
-    /// running and the log was started over: an application that finds
-    /// newer records behind its own leaves them waiting for the next one.
+    /// logged: the records are taken out under the lock, applied under
+    /// `applying`, and their changes stay where readers find them until
+    /// RocksDB has them. The log's half starts over once RocksDB has every
+    /// record logged.
     ///
     /// The batch holds the changes coalesced (`coalesce`): the last one per
-    /// key, in key order.
+    /// key, in key order. A failed application leaves the records out of
+    /// the queue (the store fails) but logged and readable: the next open
+    /// replays them.
     pub fn apply_buffered(&self) -> Result<(), StoreError> {
         let _applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
-        let (ops, seq) = {
+        let (ops, last, journal) = {
             let mut buffered = self.lock_buffered();
-            if buffered.ops.is_empty() {
-                return Ok(());
+            let mut ops = Vec::new();
+            let mut last = None;
+            let mut journal = None;
+            while buffered
+                .records
+                .front()
+                .is_some_and(|r| r.seq <= buffered.flushed)
+            {
+                let Some(record) = buffered.records.pop_front() else {
+                    break;
+                };
+                ops.extend(record.ops);
+                last = Some(record.seq);
+                journal = journal.max(record.journal);
             }
+            let Some(last) = last else {
+                return Ok(());
+            };
             buffered.since = None;
-            (std::mem::take(&mut buffered.ops), buffered.seq)
+            (ops, last, journal)
         };
         let ops = if ops.len() > 1 { coalesce(ops) } else { ops };
-        if let Err(e) = self.write_in_chunks(&ops, seq) {
-            let mut buffered = self.lock_buffered();
-            let newer = std::mem::replace(&mut buffered.ops, ops);
-            buffered.ops.extend(newer);
-            buffered.since.get_or_insert_with(std::time::Instant::now);
-            return Err(e);
+        self.write_in_chunks(&ops, last, journal)?;
+        let mut guard = self.lock_buffered();
+        let buffered = &mut *guard;
+        buffered.applied = last;
+        for op in &ops {
+            if let std::collections::btree_map::Entry::Occupied(entry) =
+                buffered.pending.entry(op_target(op))
+                && entry.get().0 <= last
+            {
+                entry.remove();
+            }
         }
-        let mut buffered = self.lock_buffered();
-        if buffered.seq == seq {
+        if buffered.seq == last {
             buffered.log.restart();
+            let half = buffered.log.half();
+            buffered.half_last[half] = 0;
+        }
+        if buffered.flushed > buffered.applied {
+            buffered.since.get_or_insert_with(std::time::Instant::now);
         }
         Ok(())
     }
 
-    /// Writes coalesced buffered changes (at least one: `apply_buffered`
-    /// returns before when none wait) in batches of `APPLY_CHUNK`, the last
-    /// one marking `seq` applied, yielding the CPU in between. A kill
-    /// between two leaves the log to replay whole, which gives the same
-    /// state (every change is a blind put or delete, replayed in order).
-    /// Readers wait for all of them (`applying`).
-    fn write_in_chunks(&self, ops: &[MetaOp], seq: u64) -> Result<(), StoreError> {
+    /// Writes coalesced buffered changes (at least one record's) in batches
+    /// of `APPLY_CHUNK`, the last one marking `seq` applied (and `journal`),
+    /// yielding the CPU in between. A kill between two leaves the log to
+    /// replay whole, which gives the same state (every change is a blind
+    /// put or delete, replayed in order).
+    fn write_in_chunks(
+        &self,
+        ops: &[MetaOp],
+        seq: u64,
+        journal: Option<u64>,
+    ) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return self.write_batch(&[], journal, None, Some(seq), false);
+        }
         let mut chunks = ops.chunks(APPLY_CHUNK).peekable();
         while let Some(chunk) = chunks.next() {
             let last = chunks.peek().is_none();
-            self.write_batch(chunk, None, None, last.then_some(seq), false)?;
-            if !last {
+            if last {
+                self.write_batch(chunk, journal, None, Some(seq), false)?;
+            } else {
+                self.write_batch(chunk, None, None, None, false)?;
                 std::thread::yield_now();
             }
         }
         Ok(())
     }
 
-    /// Applies buffered changes before a read or another write.
+    /// Before a write straight to RocksDB: every logged record must be in
+    /// it first (RocksDB takes changes in the order they were made), so
+    /// they must all be flushed.
     fn settle(&self) -> Result<(), StoreError> {
-        self.apply_buffered()
+        self.apply_buffered()?;
+        let buffered = self.lock_buffered();
+        if buffered.applied < buffered.seq {
+            return Err(StoreError::Corrupt(format!(
+                "a metadata write straight to RocksDB while logged changes up to {} wait for a \
+                 device flush (flushed up to {})",
+                buffered.seq, buffered.flushed
+            )));
+        }
+        Ok(())
+    }
+
+    /// The change waiting for RocksDB at `key` of `family`, if any.
+    fn pending_get(&self, family: u8, key: &[u8]) -> Option<MetaOp> {
+        let buffered = self.lock_buffered();
+        if buffered.pending.is_empty() {
+            return None;
+        }
+        buffered
+            .pending
+            .get(&target(family, key))
+            .map(|(_, op)| op.clone())
+    }
+
+    /// The changes waiting for RocksDB in `family` with keys from `start`
+    /// up to (not including) `end`, in key order, with their keys.
+    fn pending_range(
+        &self,
+        family: u8,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Vec<(Vec<u8>, MetaOp)> {
+        let buffered = self.lock_buffered();
+        if buffered.pending.is_empty() {
+            return Vec::new();
+        }
+        let len = family_key_len(family);
+        let below_end = |key: &[u8]| end.is_none_or(|end| key < end);
+        buffered
+            .pending
+            .range(target(family, start)..)
+            .take_while(|((f, key), _)| *f == family && below_end(&key[..len]))
+            .map(|((_, key), (_, op))| (key[..len].to_vec(), op.clone()))
+            .collect()
+    }
+
+    /// One value: the change waiting for RocksDB, or RocksDB's.
+    fn get(
+        &self,
+        family: u8,
+        cf: &str,
+        key: &[u8],
+        decode: impl FnOnce(Found<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        match self.pending_get(family, key) {
+            Some(op) if is_put(&op) => decode(Found::Pending(&op)),
+            Some(_) => Ok(()),
+            None => match self.db.get_pinned_cf(self.cf(cf)?, key)? {
+                Some(bytes) => decode(Found::Stored(&bytes)),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Calls `visit` for every key of `family` from `start` up to `end` (in
+    /// key order) with its value: RocksDB's, or the change waiting for it,
+    /// which wins (a deletion hides the key).
+    fn scan(
+        &self,
+        family: u8,
+        cf: &str,
+        start: &[u8],
+        end: Option<Vec<u8>>,
+        mut visit: impl FnMut(&[u8], Found<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        // The pending changes first, then RocksDB: a change applied in
+        // between is in RocksDB by the time the iterator is made, and the
+        // copy taken before still has it (it leaves the pending set only
+        // once RocksDB has it).
+        let pending = self.pending_range(family, start, end.as_deref());
+        let mut options = rocksdb::ReadOptions::default();
+        if let Some(end) = end {
+            options.set_iterate_upper_bound(end);
+        }
+        let iter = self.db.iterator_cf_opt(
+            self.cf(cf)?,
+            options,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        let mut pending = pending.into_iter().peekable();
+        for item in iter {
+            let (key, value) = item?;
+            let mut replaced = false;
+            while let Some((pending_key, op)) = pending.next_if(|(k, _)| k[..] <= key[..]) {
+                replaced = pending_key[..] == key[..];
+                if is_put(&op) {
+                    visit(&pending_key, Found::Pending(&op))?;
+                }
+            }
+            if !replaced {
+                visit(&key, Found::Stored(&value))?;
+            }
+        }
+        for (key, op) in pending {
+            if is_put(&op) {
+                visit(&key, Found::Pending(&op))?;
+            }
+        }
+        Ok(())
     }
 
     fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
@@ -312,7 +666,6 @@ impl MetaStore {
 
     /// Returns the superblock, if the store was formatted.
     pub fn superblock(&self) -> Result<Option<Superblock>, StoreError> {
-        self.settle()?;
         match self.db.get(SUPERBLOCK_KEY)? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
@@ -340,80 +693,81 @@ impl MetaStore {
         first: u32,
         count: u32,
     ) -> Result<Vec<Option<BlockEntry>>, StoreError> {
-        self.settle()?;
         if count == 1 {
             // One block (a 4 KiB op): a point lookup is much cheaper than a
             // range scan.
-            let value = self.db.get_cf(self.cf(CF_BLOCKS)?, block_key(key, first))?;
-            return Ok(vec![value.map(|v| BlockEntry::decode(&v)).transpose()?]);
+            let mut out = None;
+            self.get(FAMILY_BLOCKS, CF_BLOCKS, &block_key(key, first), |found| {
+                out = Some(found.block()?);
+                Ok(())
+            })?;
+            return Ok(vec![out]);
         }
         let mut out = vec![None; count as usize];
         let start = block_key(key, first);
         let end = block_key(key, first + count);
-        let mut options = rocksdb::ReadOptions::default();
-        options.set_iterate_upper_bound(end.to_vec());
-        let iter = self.db.iterator_cf_opt(
-            self.cf(CF_BLOCKS)?,
-            options,
-            IteratorMode::From(&start, Direction::Forward),
-        );
-        for item in iter {
-            let (k, v) = item?;
-            let (_, index) = decode_block_key(&k)?;
-            let slot = index
-                .checked_sub(first)
-                .filter(|s| *s < count)
-                .ok_or_else(|| StoreError::Corrupt(format!("block index {index} out of scan")))?;
-            out[slot as usize] = Some(BlockEntry::decode(&v)?);
-        }
+        self.scan(
+            FAMILY_BLOCKS,
+            CF_BLOCKS,
+            &start,
+            Some(end.to_vec()),
+            |k, found| {
+                let (_, index) = decode_block_key(k)?;
+                let slot = index
+                    .checked_sub(first)
+                    .filter(|s| *s < count)
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!("block index {index} out of scan"))
+                    })?;
+                out[slot as usize] = Some(found.block()?);
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
     /// Returns every block entry of an object, in block order.
     pub fn object_blocks(&self, key: &ObjectKey) -> Result<Vec<(u32, BlockEntry)>, StoreError> {
-        self.settle()?;
         let prefix = object_key(key);
-        let mut options = rocksdb::ReadOptions::default();
-        options.set_iterate_upper_bound(prefix_end(&prefix));
-        let iter = self.db.iterator_cf_opt(
-            self.cf(CF_BLOCKS)?,
-            options,
-            IteratorMode::From(&prefix, Direction::Forward),
-        );
         let mut out = Vec::new();
-        for item in iter {
-            let (k, v) = item?;
-            let (_, index) = decode_block_key(&k)?;
-            out.push((index, BlockEntry::decode(&v)?));
-        }
+        self.scan(
+            FAMILY_BLOCKS,
+            CF_BLOCKS,
+            &prefix,
+            Some(prefix_end(&prefix)),
+            |k, found| {
+                let (_, index) = decode_block_key(k)?;
+                out.push((index, found.block()?));
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
     /// Returns an object's info, if it exists.
     pub fn object_info(&self, key: &ObjectKey) -> Result<Option<ObjectInfo>, StoreError> {
-        self.settle()?;
-        match self.db.get_cf(self.cf(CF_OBJECTS)?, object_key(key))? {
-            None => Ok(None),
-            Some(bytes) => ObjectInfo::decode(&bytes).map(Some),
-        }
+        let mut out = None;
+        self.get(FAMILY_OBJECTS, CF_OBJECTS, &object_key(key), |found| {
+            out = Some(found.object()?);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Returns every object of `pg` with its info, in key order.
     pub fn list_pg(&self, pg: PgId) -> Result<Vec<(ObjectKey, ObjectInfo)>, StoreError> {
-        self.settle()?;
         let prefix = pg_prefix(pg);
-        let mut options = rocksdb::ReadOptions::default();
-        options.set_iterate_upper_bound(prefix_end(&prefix));
-        let iter = self.db.iterator_cf_opt(
-            self.cf(CF_OBJECTS)?,
-            options,
-            IteratorMode::From(&prefix, Direction::Forward),
-        );
         let mut out = Vec::new();
-        for item in iter {
-            let (k, v) = item?;
-            out.push((decode_object_key(&k)?, ObjectInfo::decode(&v)?));
-        }
+        self.scan(
+            FAMILY_OBJECTS,
+            CF_OBJECTS,
+            &prefix,
+            Some(prefix_end(&prefix)),
+            |k, found| {
+                out.push((decode_object_key(k)?, found.object()?));
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
@@ -422,42 +776,35 @@ impl MetaStore {
         &self,
         mut visit: impl FnMut(ObjectKey, u32, BlockEntry) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        self.settle()?;
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_BLOCKS)?, IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            let (object, index) = decode_block_key(&k)?;
-            visit(object, index, BlockEntry::decode(&v)?)?;
-        }
-        Ok(())
+        self.scan(FAMILY_BLOCKS, CF_BLOCKS, &[], None, |k, found| {
+            let (object, index) = decode_block_key(k)?;
+            visit(object, index, found.block()?)
+        })
     }
 
     /// Returns every object of the store.
     pub fn all_objects(&self) -> Result<Vec<(ObjectKey, ObjectInfo)>, StoreError> {
-        self.settle()?;
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_OBJECTS)?, IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            out.push((decode_object_key(&k)?, ObjectInfo::decode(&v)?));
-        }
+        self.scan(FAMILY_OBJECTS, CF_OBJECTS, &[], None, |k, found| {
+            out.push((decode_object_key(k)?, found.object()?));
+            Ok(())
+        })?;
         Ok(out)
     }
 
     /// Returns the reference count of a shared disk block, if it is shared.
     pub fn block_ref(&self, disk_block: u64) -> Result<Option<u32>, StoreError> {
-        self.settle()?;
-        match self
-            .db
-            .get_cf(self.cf(CF_SNAP_REFS)?, disk_block.to_be_bytes())?
-        {
-            None => Ok(None),
-            Some(bytes) => decode_ref(&bytes).map(Some),
-        }
+        let mut out = None;
+        self.get(
+            FAMILY_REFS,
+            CF_SNAP_REFS,
+            &disk_block.to_be_bytes(),
+            |found| {
+                out = Some(found.count()?);
+                Ok(())
+            },
+        )?;
+        Ok(out)
     }
 
     /// Calls `visit` for every shared disk block and its reference count.
@@ -465,20 +812,12 @@ impl MetaStore {
         &self,
         mut visit: impl FnMut(u64, u32) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        self.settle()?;
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_SNAP_REFS)?, IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            if k.len() != 8 {
-                return Err(StoreError::Corrupt(format!("ref key of {} bytes", k.len())));
-            }
-            let mut disk = [0u8; 8];
-            disk.copy_from_slice(&k);
-            visit(u64::from_be_bytes(disk), decode_ref(&v)?)?;
-        }
-        Ok(())
+        self.scan(FAMILY_REFS, CF_SNAP_REFS, &[], None, |k, found| {
+            let disk: [u8; 8] = k
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("ref key of {} bytes", k.len())))?;
+            visit(u64::from_be_bytes(disk), found.count()?)
+        })
     }
 
     /// Calls `visit` for every deferred write's key, first disk block and
@@ -487,42 +826,47 @@ impl MetaStore {
         &self,
         mut visit: impl FnMut(u64, u64, &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        self.settle()?;
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_DEFERRED)?, IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            let key: [u8; 16] = k.as_ref().try_into().map_err(|_| {
+        self.scan(FAMILY_DEFERRED, CF_DEFERRED, &[], None, |k, found| {
+            let key: [u8; 16] = k.try_into().map_err(|_| {
                 StoreError::Corrupt(format!("deferred write key of {} bytes", k.len()))
             })?;
             let (seq, disk) = key.split_at(8);
             let seq: [u8; 8] = seq.try_into().unwrap_or_default();
             let disk: [u8; 8] = disk.try_into().unwrap_or_default();
-            visit(u64::from_be_bytes(seq), u64::from_be_bytes(disk), &v)?;
-        }
-        Ok(())
+            visit(
+                u64::from_be_bytes(seq),
+                u64::from_be_bytes(disk),
+                found.data()?,
+            )
+        })
     }
 
-    /// Writes a consistent copy of the database, as of now, to `path` (a
-    /// RocksDB checkpoint: hard links and a flushed memtable).
+    /// Writes a consistent copy of RocksDB, as of now, to `path` (a RocksDB
+    /// checkpoint: hard links and a flushed memtable). Changes waiting for
+    /// a device flush are not in it: it is what a power loss could leave.
     pub fn snapshot_to(&self, path: &Path) -> Result<(), StoreError> {
-        self.settle()?;
         rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(path)?;
         Ok(())
     }
 
     /// Returns the journal's (applied, lap) marks: 0 when never written.
+    /// The applied mark counts the journal records whose changes wait in
+    /// the log (`write_buffered_marked`).
     pub fn journal_marks(&self) -> Result<(u64, u64), StoreError> {
-        self.settle()?;
+        let logged = {
+            let buffered = self.lock_buffered();
+            buffered.records.iter().filter_map(|r| r.journal).max()
+        };
+        let applied = read_mark(&self.db, JOURNAL_APPLIED_KEY)?;
         Ok((
-            read_mark(&self.db, JOURNAL_APPLIED_KEY)?,
+            applied.max(logged.unwrap_or(0)),
             read_mark(&self.db, JOURNAL_LAP_KEY)?,
         ))
     }
 
     /// Applies `ops` atomically; with `sync`, durably before returning.
-    /// No ops with `sync` syncs the WAL (earlier unsynced batches).
+    /// No ops with `sync` syncs the WAL (earlier unsynced batches). Every
+    /// logged change must be flushed (`settle`).
     pub fn write(&self, ops: &[MetaOp], sync: bool) -> Result<(), StoreError> {
         self.write_marked(ops, None, None, sync)
     }
@@ -598,27 +942,27 @@ impl MetaStore {
 
 /// Where a change lands: its column family and key. Two changes with the
 /// same target leave the later one's result.
-fn op_target(op: &MetaOp) -> (u8, [u8; BLOCK_KEY_BYTES]) {
+fn op_target(op: &MetaOp) -> Target {
     let mut out = [0u8; BLOCK_KEY_BYTES];
     let family = match op {
         MetaOp::PutBlock { key, .. } | MetaOp::DeleteBlock { key } => {
             out.copy_from_slice(key);
-            0
+            FAMILY_BLOCKS
         }
         MetaOp::PutObject { key, .. } | MetaOp::DeleteObject { key } => {
             out[..OBJECT_KEY_BYTES].copy_from_slice(key);
-            1
+            FAMILY_OBJECTS
         }
         MetaOp::PutRef { disk_block, .. } | MetaOp::DeleteRef { disk_block } => {
             out[..8].copy_from_slice(&disk_block.to_be_bytes());
-            2
+            FAMILY_REFS
         }
         MetaOp::PutDeferred {
             key, disk_block, ..
         }
         | MetaOp::DeleteDeferred { key, disk_block } => {
             out[..16].copy_from_slice(&deferred_key(*key, *disk_block));
-            3
+            FAMILY_DEFERRED
         }
     };
     (family, out)
@@ -740,14 +1084,179 @@ mod tests {
         MetaOp::PutRef { disk_block, count }
     }
 
+    /// Logs `ops` (the log has room) and marks everything logged flushed.
+    fn logged_and_flushed(meta: &MetaStore, ops: &[MetaOp]) {
+        assert!(meta.write_buffered(ops).unwrap());
+        meta.mark_flushed(meta.logged_seq());
+    }
+
+    /// What a copy of RocksDB alone holds at `key`'s reference count.
+    fn in_rocksdb(meta: &MetaStore, disk_block: u64) -> Option<u32> {
+        let copy = tempfile::tempdir().unwrap();
+        let path = copy.path().join("copy");
+        meta.snapshot_to(&path).unwrap();
+        let db = DB::open_cf_descriptors(
+            &Options::default(),
+            &path,
+            COLUMN_FAMILIES.map(|name| ColumnFamilyDescriptor::new(name, Options::default())),
+        )
+        .unwrap();
+        let value = db
+            .get_cf(
+                db.cf_handle(CF_SNAP_REFS).unwrap(),
+                disk_block.to_be_bytes(),
+            )
+            .unwrap();
+        value.map(|v| decode_ref(&v).unwrap())
+    }
+
+    /// A logged change is read at once, but reaches RocksDB only once a
+    /// device flush covers it: RocksDB's WAL may reach the disk at any
+    /// time, and the change may point at data a power loss drops.
     #[test]
-    fn buffered_changes_are_read_before_they_are_applied() {
+    fn buffered_changes_are_read_at_once_and_applied_only_once_flushed() {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(dir.path()).unwrap();
-        meta.write_buffered(&[put_ref(7, 2)]).unwrap();
-        assert!(meta.has_buffered());
+        assert!(meta.write_buffered(&[put_ref(7, 2)]).unwrap());
         assert_eq!(meta.block_ref(7).unwrap(), Some(2));
-        assert!(!meta.has_buffered(), "a read applies what waits");
+        assert!(!meta.has_buffered());
+        meta.apply_buffered().unwrap();
+        assert_eq!(meta.unapplied(), 1, "applied before a flush covered it");
+        assert_eq!(in_rocksdb(&meta, 7), None);
+        // A straight write would put RocksDB's changes out of order.
+        assert!(meta.write(&[put_ref(9, 3)], false).is_err());
+        meta.mark_flushed(meta.logged_seq());
+        assert!(meta.has_buffered());
+        // A change logged after the flush waits for the next one.
+        assert!(meta.write_buffered(&[put_ref(8, 4)]).unwrap());
+        meta.apply_buffered().unwrap();
+        assert_eq!(in_rocksdb(&meta, 7), Some(2));
+        assert_eq!(in_rocksdb(&meta, 8), None);
+        assert_eq!(meta.block_ref(8).unwrap(), Some(4));
+        assert_eq!(meta.unapplied(), 1);
+    }
+
+    /// Readers merge the changes waiting for RocksDB with what it holds:
+    /// puts add or replace keys, deletions hide them, in key order.
+    #[test]
+    fn readers_merge_waiting_changes_with_rocksdb() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        meta.write(&[put_ref(2, 2), put_ref(4, 4), put_ref(6, 6)], false)
+            .unwrap();
+        assert!(
+            meta.write_buffered(&[
+                put_ref(1, 11),
+                MetaOp::DeleteRef { disk_block: 4 },
+                put_ref(6, 16),
+                put_ref(7, 17),
+                put_ref(5, 15),
+                MetaOp::DeleteRef { disk_block: 5 },
+                MetaOp::DeleteRef { disk_block: 9 },
+            ])
+            .unwrap()
+        );
+        let mut refs = Vec::new();
+        meta.for_each_ref(|block, count| {
+            refs.push((block, count));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(refs, vec![(1, 11), (2, 2), (6, 16), (7, 17)]);
+        assert_eq!(meta.block_ref(4).unwrap(), None);
+        assert_eq!(meta.block_ref(6).unwrap(), Some(16));
+        // A block range of an object: pending entries inside it only.
+        let object = ObjectKey {
+            pg: PgId {
+                pool: basalt_placement::PoolId(1),
+                seed: 0,
+                home: None,
+            },
+            object: basalt_placement::ObjectId {
+                volume: basalt_placement::VolumeId(4),
+                index: 1,
+            },
+        };
+        let next = ObjectKey {
+            object: basalt_placement::ObjectId {
+                volume: basalt_placement::VolumeId(4),
+                index: 2,
+            },
+            ..object
+        };
+        let entry = |disk_block| BlockEntry { disk_block, crc: 1 };
+        meta.mark_flushed(meta.logged_seq());
+        meta.apply_buffered().unwrap();
+        meta.write(
+            &[
+                MetaOp::PutBlock {
+                    key: block_key(&object, 1),
+                    entry: entry(101),
+                },
+                MetaOp::PutBlock {
+                    key: block_key(&object, 3),
+                    entry: entry(103),
+                },
+            ],
+            false,
+        )
+        .unwrap();
+        assert!(
+            meta.write_buffered(&[
+                MetaOp::PutBlock {
+                    key: block_key(&object, 2),
+                    entry: entry(202),
+                },
+                MetaOp::DeleteBlock {
+                    key: block_key(&object, 3),
+                },
+                MetaOp::PutBlock {
+                    key: block_key(&next, 0),
+                    entry: entry(300),
+                },
+            ])
+            .unwrap()
+        );
+        let indexes = |list: Vec<(u32, BlockEntry)>| -> Vec<(u32, u64)> {
+            list.into_iter().map(|(i, e)| (i, e.disk_block)).collect()
+        };
+        assert_eq!(
+            indexes(meta.object_blocks(&object).unwrap()),
+            vec![(1, 101), (2, 202)]
+        );
+        let range: Vec<Option<u64>> = meta
+            .blocks(&object, 0, 4)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.map(|e| e.disk_block))
+            .collect();
+        assert_eq!(range, vec![None, Some(101), Some(202), None]);
+        assert_eq!(
+            meta.blocks(&object, 2, 1).unwrap()[0].map(|e| e.disk_block),
+            Some(202)
+        );
+        assert_eq!(indexes(meta.object_blocks(&next).unwrap()), vec![(0, 300)]);
+    }
+
+    /// The changes of a journal record, logged with its number, count as
+    /// applied for the journal at once and mark it in RocksDB with them.
+    #[test]
+    fn a_journal_records_changes_mark_it_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        assert!(
+            meta.write_buffered_marked(&[put_ref(7, 2)], Some(5))
+                .unwrap()
+        );
+        assert!(meta.write_buffered_marked(&[], Some(6)).unwrap());
+        assert_eq!(meta.journal_marks().unwrap().0, 6);
+        drop(meta);
+        let meta = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(meta.journal_marks().unwrap().0, 6, "replayed with its mark");
+        meta.mark_flushed(meta.logged_seq());
+        meta.apply_buffered().unwrap();
+        assert_eq!(read_mark(&meta.db, JOURNAL_APPLIED_KEY).unwrap(), 6);
+        assert_eq!(in_rocksdb(&meta, 7), Some(2));
     }
 
     /// Everything a store's column families hold, in order.
@@ -841,9 +1350,10 @@ mod tests {
         let buffered = tempfile::tempdir().unwrap();
         let buffered = MetaStore::open(buffered.path()).unwrap();
         for chunk in ops.chunks(700) {
-            buffered.write_buffered(chunk).unwrap();
+            logged_and_flushed(&buffered, chunk);
         }
         buffered.apply_buffered().unwrap();
+        assert_eq!(buffered.unapplied(), 0);
         let expected = contents(&in_turn);
         assert!(!expected.0.is_empty() && !expected.1.is_empty() && !expected.2.is_empty());
         assert_eq!(contents(&buffered), expected);
@@ -860,7 +1370,7 @@ mod tests {
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(dir.path()).unwrap();
-        meta.write_buffered(&ops).unwrap();
+        logged_and_flushed(&meta, &ops);
         // The first batch of the application, then the kill.
         let coalesced = coalesce(ops.clone());
         assert!(coalesced.len() > APPLY_CHUNK);
@@ -885,9 +1395,8 @@ mod tests {
     fn a_kill_before_they_are_applied_keeps_them() {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(dir.path()).unwrap();
-        meta.write_buffered(&[put_ref(7, 2)]).unwrap();
-        meta.write_buffered(&[put_ref(8, 3), put_ref(7, 4)])
-            .unwrap();
+        assert!(meta.write_buffered(&[put_ref(7, 2)]).unwrap());
+        logged_and_flushed(&meta, &[put_ref(8, 3), put_ref(7, 4)]);
         // Dropped unapplied, as a SIGKILL leaves it.
         drop(meta);
         let meta = MetaStore::open(dir.path()).unwrap();
@@ -917,12 +1426,12 @@ mod tests {
     fn applied_changes_are_not_replayed_over_later_ones() {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(dir.path()).unwrap();
-        meta.write_buffered(&[put_ref(7, 2)]).unwrap();
+        logged_and_flushed(&meta, &[put_ref(7, 2)]);
         meta.apply_buffered().unwrap();
         // A later change that is not buffered, then one that is.
         meta.write(&[MetaOp::DeleteRef { disk_block: 7 }], false)
             .unwrap();
-        meta.write_buffered(&[put_ref(9, 5)]).unwrap();
+        assert!(meta.write_buffered(&[put_ref(9, 5)]).unwrap());
         drop(meta);
         let meta = MetaStore::open(dir.path()).unwrap();
         assert_eq!(meta.block_ref(7).unwrap(), None);
@@ -940,7 +1449,7 @@ mod tests {
         // Enough changes that their application takes a while.
         let ops: Vec<MetaOp> = (0..200_000u64).map(|i| put_ref(i, 2)).collect();
         for chunk in ops.chunks(20_000) {
-            meta.write_buffered(chunk).unwrap();
+            logged_and_flushed(&meta, chunk);
         }
         let applying = {
             let meta = meta.clone();
@@ -950,7 +1459,7 @@ mod tests {
         while meta.buffered_waiting().0 != 0 {
             std::thread::yield_now();
         }
-        meta.write_buffered(&[put_ref(1_000_000, 7)]).unwrap();
+        assert!(meta.write_buffered(&[put_ref(1_000_000, 7)]).unwrap());
         let raced = !applying.is_finished();
         applying.join().unwrap();
         // Dropped with the last change unapplied, as a SIGKILL leaves it.
@@ -968,37 +1477,59 @@ mod tests {
     fn after_a_reboot_unapplied_changes_are_gone() {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(dir.path()).unwrap();
-        meta.write_buffered(&[put_ref(7, 2)]).unwrap();
+        logged_and_flushed(&meta, &[put_ref(7, 2)]);
         meta.apply_buffered().unwrap();
-        meta.write_buffered(&[put_ref(8, 3)]).unwrap();
+        logged_and_flushed(&meta, &[put_ref(8, 3)]);
         drop(meta);
         buffered_log::forget_boot(dir.path()).unwrap();
         let meta = MetaStore::open(dir.path()).unwrap();
         assert_eq!(meta.block_ref(7).unwrap(), Some(2));
         assert_eq!(meta.block_ref(8).unwrap(), None);
         // The log works on for this boot.
-        meta.write_buffered(&[put_ref(10, 2)]).unwrap();
+        assert!(meta.write_buffered(&[put_ref(10, 2)]).unwrap());
         drop(meta);
         let meta = MetaStore::open(dir.path()).unwrap();
         assert_eq!(meta.block_ref(10).unwrap(), Some(2));
     }
 
+    /// A log whose halves both hold records not in RocksDB refuses more;
+    /// once they are flushed and applied it takes records again, and every
+    /// change survives a kill.
     #[test]
-    fn a_full_log_is_applied_and_starts_over() {
+    fn a_full_log_refuses_until_flushed_and_applied() {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(dir.path()).unwrap();
-        // About 13 bytes per change: enough records to fill the log twice.
-        let per_record = 1_000;
-        let records = 2 * buffered_log::LOG_BYTES / (per_record * 13) + 1;
-        for record in 0..records as u64 {
-            let ops: Vec<MetaOp> = (0..per_record as u64)
+        // About 13 bytes per change.
+        let per_record = 1_000u64;
+        let changes = |record: u64| -> Vec<MetaOp> {
+            (0..per_record)
                 .map(|i| put_ref(i, (record + 2) as u32))
-                .collect();
-            meta.write_buffered(&ops).unwrap();
+                .collect()
+        };
+        let mut records = 0;
+        while meta.write_buffered(&changes(records)).unwrap() {
+            records += 1;
         }
+        let capacity = buffered_log::LOG_BYTES as u64 / (per_record * 13);
+        assert!(
+            records > capacity * 3 / 4 && records <= capacity,
+            "{records} records logged, about {capacity} fit"
+        );
+        assert_eq!(meta.block_ref(0).unwrap(), Some(records as u32 + 1));
+        meta.mark_flushed(meta.logged_seq());
+        meta.apply_buffered().unwrap();
+        assert_eq!(meta.unapplied(), 0);
+        assert!(meta.write_buffered(&changes(records)).unwrap());
+        // Too many changes for half the log: refused even when empty.
+        let too_many: Vec<MetaOp> = (0..buffered_log::LOG_BYTES as u64 / 16)
+            .map(|i| put_ref(i, 2))
+            .collect();
+        meta.mark_flushed(meta.logged_seq());
+        meta.apply_buffered().unwrap();
+        assert!(!meta.write_buffered(&too_many).unwrap());
         drop(meta);
         let meta = MetaStore::open(dir.path()).unwrap();
-        assert_eq!(meta.block_ref(0).unwrap(), Some(records as u32 + 1));
-        assert_eq!(meta.block_ref(999).unwrap(), Some(records as u32 + 1));
+        assert_eq!(meta.block_ref(0).unwrap(), Some(records as u32 + 2));
+        assert_eq!(meta.block_ref(999).unwrap(), Some(records as u32 + 2));
     }
 }

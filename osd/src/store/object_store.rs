@@ -17,13 +17,24 @@
 //!
 //! # Buffered changes
 //! A change with `Durability::Buffered` (an NBD write without FUA) is
-//! acknowledged once its data write completed and its metadata is in
-//! RocksDB's WAL without a sync: it survives a crash of the daemon (the WAL
-//! is in the kernel's page cache, the data went to the device with
-//! O_DIRECT), not a power loss. `flush` (NBD FLUSH) makes every earlier
-//! change durable: one device flush and one WAL sync. The committer also syncs
-//! on its own `BUFFERED_SYNC_AFTER` after the first unsynced change, so the
-//! window is bounded even for a client that never flushes.
+//! acknowledged once its data write completed and its metadata is in the
+//! buffered-change log (`buffered_log`, a memory-mapped file): it survives
+//! a crash of the daemon (the log is in the kernel's page cache, the data
+//! went to the device with O_DIRECT), not a power loss. `flush` (NBD FLUSH)
+//! makes every earlier change durable: one device flush, and the changes in
+//! a journal record (or, without a journal, a synced RocksDB batch). The
+//! committer also syncs on its own `BUFFERED_SYNC_AFTER` after the first
+//! unsynced change, so the window is bounded even for a client that never
+//! flushes.
+//!
+//! No change reaches RocksDB before a device flush covers the data it points
+//! at (`MetaStore::mark_flushed`): RocksDB's WAL is written without a sync,
+//! and the kernel may write it back at any time, so a change there ahead of
+//! its data could outlive it in a power loss and leave the block reading as
+//! a checksum error, neither old nor new. Logged changes wait in memory,
+//! where readers find them, until the next sync's flush; the records of
+//! the journal, written before their changes reach RocksDB, carry their
+//! number into the log so that a replay knows which records RocksDB has.
 //!
 //! With a journal, while a client flushes (a FLUSH in the last
 //! `EAGER_JOURNAL_AFTER_FLUSH`), a buffered write of at most 32 KiB goes out
@@ -477,8 +488,20 @@ impl<D: BlockDevice> ObjectStore<D> {
                 superblock.journal_blocks, superblock.block_count
             )));
         }
+        // What the last run left: journal records' inline data and deferred
+        // writes' copies written in place again, the records' changes
+        // logged behind the ones the buffered-change log kept (readers find
+        // them all); then one device flush covers all of it, and only then
+        // does RocksDB get the changes.
         let next_seq = replay_journal(&device, &meta, &superblock).await?;
         let replayed_deferred = replay_deferred(&device, &meta, &superblock).await?;
+        let logged = meta.logged_seq();
+        device.flush().await.map_err(|source| StoreError::Io {
+            op: "flush data device at open",
+            source,
+        })?;
+        meta.mark_flushed(logged);
+        meta.apply_buffered()?;
         let mut allocator = Allocator::new(superblock.block_count);
         allocator.reserve_prefix(superblock.journal_blocks);
         meta.for_each_ref(|disk_block, _| {
@@ -500,16 +523,9 @@ impl<D: BlockDevice> ObjectStore<D> {
             free = allocator.free_count(),
             "store allocator rebuilt"
         );
-        // Buffered changes of the previous run are in the WAL RocksDB just
-        // replayed and their data was written with O_DIRECT (or again just
-        // now, from the deferred writes' copies), not flushed:
-        // make them durable before serving, since a client's next FLUSH
-        // would no longer know about them.
-        // That also ends the journal's lap: what it replayed is durable now.
-        device.flush().await.map_err(|source| StoreError::Io {
-            op: "flush data device at open",
-            source,
-        })?;
+        // The flush above made the previous run's buffered writes durable
+        // (a client's next FLUSH would no longer know about them); the
+        // synced batch below ends the journal's lap.
         let journal = (superblock.journal_blocks > 0).then(|| JournalState {
             blocks: superblock.journal_blocks,
             nonce: superblock.journal_nonce,
@@ -651,9 +667,10 @@ impl<D: BlockDevice> ObjectStore<D> {
         )
     }
 
-    /// Buffered metadata changes logged and not yet in RocksDB.
+    /// Metadata changes logged and not yet in RocksDB (waiting for a flush
+    /// to cover their data, or for their application after it).
     pub fn buffered_waiting(&self) -> usize {
-        self.inner.meta.buffered_waiting().0
+        self.inner.meta.unapplied()
     }
 
     /// Returns the number of blocks of the metadata journal (0: none).
@@ -2241,19 +2258,20 @@ impl<D: BlockDevice> Committer<D> {
         Some(since + APPLY_GATHER_FOR)
     }
 
-    /// Puts logged buffered changes into RocksDB, off the writers' path:
-    /// the memtable insert and WAL write were ~11 µs of a homed 4 KiB
+    /// Puts logged changes a flush covers into RocksDB, off the writers'
+    /// path: the memtable insert and WAL write were ~11 µs of a homed 4 KiB
     /// write's ~60 µs of CPU on the OSD's one runtime thread. Under load (a
     /// group of several writes, or more waiting) on a blocking thread,
     /// beside the runtime thread, once `APPLY_GATHER_OPS` changes wait or
-    /// the oldest has waited `APPLY_GATHER_FOR`: one large batch, coalesced
+    /// the first has waited `APPLY_GATHER_FOR`: one large batch, coalesced
     /// and in key order, costs a fraction of the memtable work of many
     /// small ones. A write `alone` (QD1) with few changes waiting has them
     /// applied by a task of this runtime that runs after the writer's reply
     /// is sent: waking a thread costs the runtime thread ~4 µs, and on two
     /// cores that thread takes the core the client needs to send its next
     /// request. One application at a time; the blocking one goes on while
-    /// more are logged.
+    /// more are logged. Changes no flush covers yet wait for the next sync
+    /// (`MetaStore::mark_flushed`); readers find them meanwhile.
     fn apply_buffered(&mut self, alone: bool) {
         if self.applying.as_ref().is_some_and(|a| !a.is_finished()) {
             return;
@@ -2263,21 +2281,12 @@ impl<D: BlockDevice> Committer<D> {
             return;
         }
         let alone = alone && waiting <= APPLY_ALONE_OPS;
-        // A sync applies what waits before its record, on the committer's
-        // path (every write waits for it): close to the next one, they are
-        // applied as they come.
-        let sync_near = self.unsynced.ops.len() + APPLY_GATHER_OPS >= UNSYNCED_OPS_MAX
-            || self
-                .unsynced
-                .since
-                .is_some_and(|since| since.elapsed() + APPLY_GATHER_FOR >= BUFFERED_SYNC_AFTER);
         if !alone
-            && !sync_near
             && waiting < APPLY_GATHER_OPS
             && since.is_some_and(|since| since.elapsed() < APPLY_GATHER_FOR)
         {
-            // Left to gather: the next group looks again, and a sync, a
-            // checkpoint or any reader of RocksDB applies them first.
+            // Left to gather: the next group looks again, and so does the
+            // committer when they are due (`gathered_until`).
             return;
         }
         let meta = self.meta.clone();
@@ -2359,6 +2368,7 @@ impl<D: BlockDevice> Committer<D> {
             || self.unsynced.free.len() + free.len() >= BUFFERED_FREE_MAX
             || self.unsynced.deferred.len() >= DEFERRED_SYNC_MAX
             || self.unsynced.overflow
+            || self.meta.log_filling()
             || self
                 .unsynced
                 .since
@@ -2384,7 +2394,7 @@ impl<D: BlockDevice> Committer<D> {
                 self.commit_journaled(ops, free, inline, needs_flush, true)
                     .await
             } else if inline.is_empty() {
-                self.apply_unsynced(ops, free, needs_flush)
+                self.apply_unsynced(ops, free, needs_flush).await
             } else if !needs_flush && self.unsynced.ops.is_empty() {
                 // Small buffered writes while the client flushes: their
                 // record now, so that its FLUSH is one device flush.
@@ -2395,7 +2405,7 @@ impl<D: BlockDevice> Committer<D> {
                 // disk (a larger write's, not flushed): these wait for the
                 // next sync's record like other buffered changes.
                 match write_home(&self.device, inline).await {
-                    Ok(()) => self.apply_unsynced(ops, free, true),
+                    Ok(()) => self.apply_unsynced(ops, free, true).await,
                     Err(message) => Err(message),
                 }
             }
@@ -2409,8 +2419,9 @@ impl<D: BlockDevice> Committer<D> {
         result
     }
 
-    /// Without a journal: a device flush if needed, then a RocksDB batch,
-    /// synced with `sync`.
+    /// Without a journal: a buffered group's changes are logged (like a
+    /// journal's store's); a sync is a device flush if needed, the logged
+    /// changes applied, then the group's RocksDB batch, synced.
     async fn commit_plain(
         &mut self,
         ops: Vec<MetaOp>,
@@ -2418,21 +2429,25 @@ impl<D: BlockDevice> Committer<D> {
         needs_flush: bool,
         sync: bool,
     ) -> Result<(), String> {
-        let flush_data =
-            sync && (needs_flush || self.unsynced.data) && !self.skip_flush.load(Ordering::Acquire);
         if !sync {
-            let meta = self.meta.clone();
-            let ops = tokio::task::spawn_blocking(move || {
-                meta.write(&ops, false)?;
-                Ok::<_, StoreError>(ops)
-            })
-            .await
-            .map_err(|e| format!("metadata commit task failed: {e}"))?
-            .map_err(|e| format!("metadata commit failed: {e}"))?;
+            self.log(&ops, None).await?;
             self.note_unsynced(ops, free, needs_flush);
             return Ok(());
         }
-        commit_group(&self.device, &self.meta, ops, flush_data, true, None).await?;
+        let flush_data =
+            (needs_flush || self.unsynced.data) && !self.skip_flush.load(Ordering::Acquire);
+        let logged = self.meta.logged_seq();
+        if flush_data {
+            self.device
+                .flush()
+                .await
+                .map_err(|e| format!("data flush failed: {e}"))?;
+        }
+        // Without data to flush, the logged changes point at none unflushed
+        // (skipping the flush, the metadata sync's flush covers it).
+        self.meta.mark_flushed(logged);
+        self.apply_buffered_now().await?;
+        commit_synced(&self.meta, ops, None).await?;
         let unsynced = std::mem::take(&mut self.unsynced);
         let mut allocator = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
         for block in unsynced.free.into_iter().chain(free) {
@@ -2442,23 +2457,57 @@ impl<D: BlockDevice> Committer<D> {
     }
 
     /// A buffered group: its changes, deferred writes' copies included, go
-    /// to the buffered-change log (applied to RocksDB after the writers are
-    /// answered). It does not wait for the device, so it runs on the
-    /// committer task.
-    fn apply_unsynced(
+    /// to the buffered-change log (applied to RocksDB once a sync's flush
+    /// covers their data). It does not wait for the device (but when the
+    /// log is full), so it runs on the committer task.
+    async fn apply_unsynced(
         &mut self,
         ops: Vec<MetaOp>,
         free: Vec<u64>,
         needs_flush: bool,
     ) -> Result<(), String> {
         // Deferred copies too: the log survives what RocksDB's unsynced
-        // WAL did (a SIGKILL, not a power loss), and open replays it into
-        // RocksDB before it writes the copies in place (`replay_deferred`).
-        self.meta
-            .write_buffered(&ops)
-            .map_err(|e| format!("metadata commit failed: {e}"))?;
+        // WAL did (a SIGKILL, not a power loss), and open writes the copies
+        // in place again before it applies the log (`replay_deferred`).
+        self.log(&ops, None).await?;
         self.note_unsynced(ops, free, needs_flush);
         Ok(())
+    }
+
+    /// Logs changes (of journal record `journal`) in the buffered-change
+    /// log. When it has no room (both halves hold records not in RocksDB:
+    /// changes came faster than syncs, see `MetaStore::log_filling`), every
+    /// record logged is flushed and applied first, on this path; changes
+    /// too many for half the log go straight to RocksDB then, behind the
+    /// rest (their data is flushed too).
+    async fn log(&mut self, ops: &[MetaOp], journal: Option<u64>) -> Result<(), String> {
+        let logged = |meta: &MetaStore| {
+            meta.write_buffered_marked(ops, journal)
+                .map_err(|e| format!("metadata commit failed: {e}"))
+        };
+        if logged(&self.meta)? {
+            return Ok(());
+        }
+        self.flush_and_apply().await?;
+        if logged(&self.meta)? {
+            return Ok(());
+        }
+        self.meta
+            .write_marked(ops, journal, None, false)
+            .map_err(|e| format!("metadata commit failed: {e}"))
+    }
+
+    /// Makes every logged change applicable and applies it now: waits for
+    /// the data writes begun, flushes the device, then applies.
+    async fn flush_and_apply(&mut self) -> Result<(), String> {
+        self.wait_landed().await?;
+        let logged = self.meta.logged_seq();
+        self.device
+            .flush()
+            .await
+            .map_err(|e| format!("data flush failed: {e}"))?;
+        self.meta.mark_flushed(logged);
+        self.apply_buffered_now().await
     }
 
     /// Records a change applied without a sync; with a journal, its
@@ -2560,9 +2609,6 @@ impl<D: BlockDevice> Committer<D> {
         data_before: bool,
         durable: bool,
     ) -> Result<(), String> {
-        // Logged buffered changes go into RocksDB before the record: a
-        // replay after a kill then finds none older than a record's changes.
-        self.apply_buffered_now().await?;
         let mut flush_after = durable && (data_before || self.unsynced.data);
         let encode = |unsynced: &[MetaOp], inline: &[(u64, IoBuf)]| {
             let inline_blocks: usize = inline.iter().map(|(_, b)| b.len() / BLOCK_BYTES).sum();
@@ -2586,7 +2632,7 @@ impl<D: BlockDevice> Committer<D> {
             if !durable {
                 // A record must not point at data not flushed: these
                 // changes wait for the next sync's record.
-                return self.apply_unsynced(ops, free, true);
+                return self.apply_unsynced(ops, free, true).await;
             }
             flush_after = true;
             (encoded, blocks) = encode(&self.unsynced.ops, &inline);
@@ -2639,9 +2685,15 @@ impl<D: BlockDevice> Committer<D> {
         };
         record_write.await?;
         let _ = record_written.send(());
-        self.meta
-            .write_marked(&ops, Some(seq), None, false)
-            .map_err(|e| format!("metadata commit failed: {e}"))?;
+        // The record's changes go into the log after every change logged
+        // before (a replay after a kill applies them in that order), marked
+        // with its number: RocksDB gets them once a flush covers the record
+        // (a durable record is covered now, and so is every change logged
+        // before it, as its data was flushed with or before it).
+        self.log(&ops, Some(seq)).await?;
+        if durable {
+            self.meta.mark_flushed(self.meta.logged_seq());
+        }
         let journal = self.journal()?;
         journal.next_block += blocks;
         journal.next_seq += 1;
@@ -2694,10 +2746,12 @@ impl<D: BlockDevice> Committer<D> {
     /// A sync when every unsynced change is in a record already written:
     /// one device flush makes them durable.
     async fn flush_records(&mut self, free: Vec<u64>) -> Result<(), String> {
+        let logged = self.meta.logged_seq();
         self.device
             .flush()
             .await
             .map_err(|e| format!("flush of journal records failed: {e}"))?;
+        self.meta.mark_flushed(logged);
         self.release_synced(free).await
     }
 
@@ -2738,8 +2792,11 @@ impl<D: BlockDevice> Committer<D> {
         // place before the lap that holds the record ends.
         self.wait_landed().await?;
         write_home(&self.device, inline).await?;
+        // Every logged change goes into RocksDB before the batch that ends
+        // the lap (the lap's records are not replayed after it).
+        self.flush_and_apply().await?;
         let lap = self.journal()?.next_seq;
-        commit_group(&self.device, &self.meta, ops, true, true, Some(lap)).await?;
+        commit_synced(&self.meta, ops, Some(lap)).await?;
         self.checkpoints.fetch_add(1, Ordering::AcqRel);
         let journal = self.journal()?;
         journal.next_block = 0;
@@ -3082,31 +3139,48 @@ async fn write_home<D: BlockDevice>(
     }
 }
 
-/// One device flush (with `flush_data`), then one RocksDB batch, synced
-/// with `sync`, starting a journal lap at `lap`.
-async fn commit_group<D: BlockDevice>(
-    device: &Arc<D>,
+/// One synced RocksDB batch (on a blocking thread), starting a journal lap
+/// at `lap`. Every logged change must be applied already.
+async fn commit_synced(
     meta: &Arc<MetaStore>,
     ops: Vec<MetaOp>,
-    flush_data: bool,
-    sync: bool,
     lap: Option<u64>,
 ) -> Result<(), String> {
-    if flush_data {
-        device
-            .flush()
-            .await
-            .map_err(|e| format!("data flush failed: {e}"))?;
-    }
     let meta = meta.clone();
-    tokio::task::spawn_blocking(move || meta.write_marked(&ops, None, lap, sync))
+    tokio::task::spawn_blocking(move || meta.write_marked(&ops, None, lap, true))
         .await
         .map_err(|e| format!("metadata commit task failed: {e}"))?
         .map_err(|e| format!("metadata commit failed: {e}"))
 }
 
+/// Logs a replayed journal record's changes at open; when the log has no
+/// room, what it holds is flushed and applied first (as
+/// `Committer::log`).
+async fn log_at_open<D: BlockDevice>(
+    device: &D,
+    meta: &MetaStore,
+    ops: &[MetaOp],
+    seq: u64,
+) -> Result<(), StoreError> {
+    if meta.write_buffered_marked(ops, Some(seq))? {
+        return Ok(());
+    }
+    let logged = meta.logged_seq();
+    device.flush().await.map_err(|source| StoreError::Io {
+        op: "flush data device at open",
+        source,
+    })?;
+    meta.mark_flushed(logged);
+    meta.apply_buffered()?;
+    if meta.write_buffered_marked(ops, Some(seq))? {
+        return Ok(());
+    }
+    meta.write_marked(ops, Some(seq), None, false)
+}
+
 /// Replays the journal's current lap (see `journal`): inline data to its
-/// blocks again, the changes of records not applied yet into RocksDB.
+/// blocks again, the changes of records not applied yet into the
+/// buffered-change log (`log_at_open`).
 /// Returns the sequence number of the next record.
 async fn replay_journal<D: BlockDevice>(
     device: &D,
@@ -3144,7 +3218,7 @@ async fn replay_journal<D: BlockDevice>(
             .await?;
         }
         if record.seq > applied {
-            meta.write_marked(&record.ops, Some(record.seq), None, false)?;
+            log_at_open(device, meta, &record.ops, record.seq).await?;
             replayed += 1;
         }
         next = next.max(record.seq + 1);
